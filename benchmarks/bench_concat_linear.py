@@ -1,0 +1,59 @@
+"""concat + dropout + linear + ReLU: mmfast's fused op next to the native composition, same inputs.
+
+Run: pytest benchmarks/bench_concat_linear.py --benchmark-only [--benchmark-json=out.json]
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmfast
+from mmfast.testing import DEVICES, make_concat_linear_inputs
+
+# (batch, widths, out_features): the seed's head (CNN features 7200 + text 64 -> 128) and a larger one.
+SHAPES = [(64, (7200, 64), 128), (256, (8192, 256), 512)]
+P = 0.5
+
+
+def native(inputs, weight, bias):
+    return F.relu(F.linear(F.dropout(torch.cat(inputs, 1), P, training=True), weight, bias))
+
+
+def fused(inputs, weight, bias):
+    return mmfast.ops.concat_linear(inputs, weight, bias, P, training=True, relu=True)
+
+
+IMPLS = {"mmfast": fused, "native": native}
+
+
+def _bench(benchmark, impl, device, shape, backward):
+    n, widths, o = shape
+    torch.manual_seed(0)
+    inputs, weight, bias = make_concat_linear_inputs(device, torch.float32, n, widths, o, requires_grad=backward)
+    fn = IMPLS[impl]
+
+    def step():
+        out = fn(inputs, weight, bias)
+        if backward:
+            out.sum().backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    kind = "fwd+bwd" if backward else "fwd"
+    benchmark.group = f"concat_linear {kind} {device} {shape}"
+    benchmark.extra_info.update(impl=impl, device=device, shape=str(shape), op="concat_linear", kind=kind)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=30, iterations=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_fwd(benchmark, impl, device, shape):
+    with torch.no_grad():
+        _bench(benchmark, impl, device, shape, backward=False)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_fwd_bwd(benchmark, impl, device, shape):
+    _bench(benchmark, impl, device, shape, backward=True)
