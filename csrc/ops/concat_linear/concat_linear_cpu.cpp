@@ -14,6 +14,37 @@
 namespace mmfast {
 namespace {
 
+// One row of dropout: dst[k] = keep(row, col_hash[k]) ? src[k] * scale : 0. Cloned for AVX2, where the
+// hash's 32-bit multiplies vectorise (x86-64's baseline SSE2 has no packed 32-bit multiply); the loader
+// picks the clone at run time.
+// Branch-free (multiply by 0 or scale, so NaN/inf propagate as in F.dropout); element k reads only src[k]
+// and writes only dst[k], so the loop is safe to vectorise even in place (ivdep).
+template <typename scalar_t>
+inline void dropout_row_impl(const scalar_t* src, scalar_t* dst, const uint32_t* col_hash, int64_t cols,
+                             uint32_t row_h, const DropoutMask mask, scalar_t scale) {
+#pragma GCC ivdep
+  for (int64_t k = 0; k < cols; ++k) {
+    const scalar_t factor = mask.keep(row_h, col_hash[k]) ? scale : scalar_t(0);
+    dst[k] = src[k] * factor;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define MMFAST_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define MMFAST_CPU_CLONES
+#endif
+
+MMFAST_CPU_CLONES void dropout_row(const float* src, float* dst, const uint32_t* col_hash, int64_t cols,
+                                   uint32_t row_h, const DropoutMask& mask, float scale) {
+  dropout_row_impl(src, dst, col_hash, cols, row_h, mask, scale);
+}
+
+MMFAST_CPU_CLONES void dropout_row(const double* src, double* dst, const uint32_t* col_hash, int64_t cols,
+                                   uint32_t row_h, const DropoutMask& mask, double scale) {
+  dropout_row_impl(src, dst, col_hash, cols, row_h, mask, scale);
+}
+
 // dst[n, k] = keep(n, col_offset + k) ? src[n, k] * scale : 0, for contiguous [N, K] src and dst (may alias).
 template <typename scalar_t>
 void dropout_segment(const scalar_t* src, scalar_t* dst, int64_t rows, int64_t cols, int64_t col_offset,
@@ -22,10 +53,7 @@ void dropout_segment(const scalar_t* src, scalar_t* dst, int64_t rows, int64_t c
   for (int64_t k = 0; k < cols; ++k) col_hash[k] = mask.col_hash(col_offset + k);
   at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1)), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const uint32_t row_h = mask.row_hash(n);
-      const scalar_t* s = src + n * cols;
-      scalar_t* d = dst + n * cols;
-      for (int64_t k = 0; k < cols; ++k) d[k] = mask.keep(row_h, col_hash[k]) ? s[k] * scale : scalar_t(0);
+      dropout_row(src + n * cols, dst + n * cols, col_hash.data(), cols, mask.row_hash(n), mask, scale);
     }
   });
 }
