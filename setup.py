@@ -41,7 +41,10 @@ def get_extensions():
     if with_cuda:
         sources += sorted(glob.glob("csrc/**/*.cu", recursive=True))
         ext_cls = CUDAExtension
-        extra["nvcc"] = opt + ["-std=c++20", "-lineinfo", "--use_fast_math", "--expt-relaxed-constexpr"]
+        nvcc_opt = ["-O0", "-g"] if debug else ["-O3"]  # nvcc rejects -g0 (and adds no -g of its own)
+        # No --use_fast_math: it flushes float32 denormals and loosens division; kernels that want fast
+        # intrinsics use them explicitly.
+        extra["nvcc"] = nvcc_opt + ["-std=c++20", "-lineinfo", "--expt-relaxed-constexpr"]
     arch = os.getenv("TORCH_CUDA_ARCH_LIST", "") if with_cuda else ""
     print(f"mmfast: building {'CUDA' if with_cuda else 'CPU-only'} extension ({len(sources)} sources)")
     return [

@@ -81,7 +81,8 @@ at::Tensor concat_linear_cpu(at::TensorList inputs, const at::Tensor& weight, co
   check_concat_linear_inputs(inputs, weight, bias, dropout_p, seed);
   const auto mask = make_mask(dropout_p, seed);
   const int64_t rows = inputs[0].size(0);
-  at::Tensor out = bias.has_value() ? bias->expand({rows, weight.size(0)}).contiguous()
+  // clone, not contiguous(): with one row the expanded bias is already contiguous and would be aliased.
+  at::Tensor out = bias.has_value() ? bias->expand({rows, weight.size(0)}).clone(at::MemoryFormat::Contiguous)
                                     : at::zeros({rows, weight.size(0)}, weight.options());
   int64_t offset = 0;
   for (const at::Tensor& x : inputs) {
