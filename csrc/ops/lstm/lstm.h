@@ -6,7 +6,10 @@
 //   h_n,c_n: [1, B, H], the states after each sequence's last step (h0/c0 where the length is 0)
 //   gates:   [B, T, 4H] workspace for backward: the activated gates (sigmoid i, f, o; tanh g) of each step
 //   cells:   [B, T, H]  workspace for backward: the cell state c_t after each step
-//   (workspace entries at or past a sequence's length are unspecified)
+//   (the workspace's layout inside those shapes is each device's own: backward reads only the workspace
+//   that the same device's forward wrote)
+// Lengths on the CPU are range-checked; lengths on the device cannot be without a host sync, so the CUDA
+// kernels clamp them to [0, T].
 // Backward: grads of y, h_n, c_n (each may be None = zero) -> grad_x, grad_h0, grad_c0 [1, B, H],
 //           grad_w_ih, grad_w_hh, grad_bias [4H] (the gradient of b_ih and of b_hh alike).
 #pragma once
