@@ -33,7 +33,7 @@ def ablation_runs(tmp_path_factory):
     results = {}
     for modality in ("both", "image", "text"):
         cfg = TrainConfig(out=str(tmp / modality), epochs=4, train_size=2000, val_size=400, test_size=400,
-                          modality=modality, progress=False)
+                          modality=modality, augment=False, progress=False)
         results[modality] = fit(cfg, log=_quiet)["test"]
     return results
 

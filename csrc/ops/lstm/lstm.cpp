@@ -42,7 +42,7 @@ void check_lstm_inputs(const at::Tensor& x, const std::optional<at::Tensor>& len
     check_shape(op, "lengths", len, {batch});
     TORCH_CHECK(len.is_cpu() || len.device() == x.device(), op, ": expected lengths on the CPU or on ", x.device(),
                 ", got ", len.device());
-    if (len.is_cpu() && batch > 0) {  // device lengths are checked by the kernel: no host sync here
+    if (len.is_cpu() && batch > 0) {  // device lengths are clamped by the CUDA kernels: no host sync here
       const auto [lo, hi] = len.aminmax();
       TORCH_CHECK(lo.item<int64_t>() >= 0 && hi.item<int64_t>() <= steps, op,
                   ": expected lengths in [0, T=", steps, "], got values in [", lo.item<int64_t>(), ", ",
@@ -74,6 +74,7 @@ class LstmFunction : public torch::autograd::Function<LstmFunction> {
       std::tie(y, h_n, c_n, gates, cells) = op.call(x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh);
     }
     ctx->mark_non_differentiable({gates, cells});
+    ctx->set_materialize_grads(false);  // the backward op takes a missing grad as zero: no zero-filled [B, T, 4H]
     ctx->save_for_backward({x, lengths.value_or(at::Tensor()), h0.value_or(at::Tensor()), c0.value_or(at::Tensor()),
                             w_ih, w_hh, y, gates, cells});
     ctx->saved_data["has_b_ih"] = b_ih.has_value();

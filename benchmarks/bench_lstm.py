@@ -1,0 +1,77 @@
+"""Embedding + one-layer LSTM over padded token sequences: mmfast's fused op next to the native composition.
+
+native = nn.Embedding + pack_padded_sequence + nn.LSTM + pad_packed_sequence (what a user writes);
+mmfast = nn.Embedding + mmfast.ops.lstm with lengths. Same weights, same tokens.
+
+Run: pytest benchmarks/bench_lstm.py --benchmark-only [--benchmark-json=out.json]
+"""
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import mmfast
+from mmfast.testing import DEVICES
+
+VOCAB = 1000
+# (batch, steps, embedding, hidden): the seed's text branch and a larger one.
+SHAPES = [(64, 32, 128, 64), (64, 64, 128, 256)]
+
+
+def _setup(device, shape):
+    b, t, e, h = shape
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    embedding = nn.Embedding(VOCAB, e, padding_idx=0).to(device)
+    lstm = nn.LSTM(e, h, batch_first=True).to(device)
+    lengths = torch.randint(1, t + 1, (b,), generator=gen)
+    tokens = torch.randint(1, VOCAB, (b, t), generator=gen)
+    tokens[torch.arange(t)[None, :] >= lengths[:, None]] = 0  # <pad>
+    return embedding, lstm, tokens.to(device), lengths
+
+
+def native(embedding, lstm, tokens, lengths):
+    packed = pack_padded_sequence(embedding(tokens), lengths, batch_first=True, enforce_sorted=False)
+    out, (h_n, c_n) = lstm(packed)
+    return pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])[0], h_n, c_n
+
+
+def fused(embedding, lstm, tokens, lengths):
+    y, (h_n, c_n) = mmfast.ops.lstm(embedding(tokens), lengths, None, None, lstm.weight_ih_l0, lstm.weight_hh_l0,
+                                    lstm.bias_ih_l0, lstm.bias_hh_l0)
+    return y, h_n, c_n
+
+
+IMPLS = {"mmfast": fused, "native": native}
+
+
+def _bench(benchmark, impl, device, shape, backward):
+    embedding, lstm, tokens, lengths = _setup(device, shape)
+    fn = IMPLS[impl]
+
+    def step():
+        y, h_n, c_n = fn(embedding, lstm, tokens, lengths)
+        if backward:
+            (y.sum() + h_n.sum()).backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    kind = "fwd+bwd" if backward else "fwd"
+    benchmark.group = f"lstm {kind} {device} {shape}"
+    benchmark.extra_info.update(impl=impl, device=device, shape=str(shape), op="lstm", kind=kind)
+    benchmark.pedantic(step, warmup_rounds=3, rounds=30, iterations=1)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_fwd(benchmark, impl, device, shape):
+    with torch.no_grad():
+        _bench(benchmark, impl, device, shape, backward=False)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_fwd_bwd(benchmark, impl, device, shape):
+    _bench(benchmark, impl, device, shape, backward=True)
