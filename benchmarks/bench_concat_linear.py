@@ -9,8 +9,9 @@ import torch.nn.functional as F
 import mmfast
 from mmfast.testing import DEVICES, make_concat_linear_inputs
 
-# (batch, widths, out_features): the seed's head (CNN features 7200 + text 64 -> 128) and a larger one.
-SHAPES = [(64, (7200, 64), 128), (256, (8192, 256), 512)]
+# (batch, widths, out_features): the seed's head (CNN features 7200 + text 64 -> 128) at the CPU and GPU
+# batch sizes, and a larger one.
+SHAPES = [(64, (7200, 64), 128), (256, (7200, 64), 128), (256, (8192, 256), 512)]
 P = 0.5
 
 
@@ -25,7 +26,7 @@ def fused(inputs, weight, bias):
 IMPLS = {"mmfast": fused, "native": native}
 
 
-def _bench(benchmark, impl, device, shape, backward):
+def _bench(measure, impl, device, shape, backward):
     n, widths, o = shape
     torch.manual_seed(0)
     inputs, weight, bias = make_concat_linear_inputs(device, torch.float32, n, widths, o, requires_grad=backward)
@@ -35,25 +36,20 @@ def _bench(benchmark, impl, device, shape, backward):
         out = fn(inputs, weight, bias)
         if backward:
             out.sum().backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    kind = "fwd+bwd" if backward else "fwd"
-    benchmark.group = f"concat_linear {kind} {device} {shape}"
-    benchmark.extra_info.update(impl=impl, device=device, shape=str(shape), op="concat_linear", kind=kind)
-    benchmark.pedantic(step, warmup_rounds=3, rounds=30, iterations=1)
+    measure(step, op="concat_linear", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device, shape=shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd(benchmark, impl, device, shape):
+def test_fwd(measure, impl, device, shape):
     with torch.no_grad():
-        _bench(benchmark, impl, device, shape, backward=False)
+        _bench(measure, impl, device, shape, backward=False)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd_bwd(benchmark, impl, device, shape):
-    _bench(benchmark, impl, device, shape, backward=True)
+def test_fwd_bwd(measure, impl, device, shape):
+    _bench(measure, impl, device, shape, backward=True)

@@ -25,38 +25,21 @@ def _inputs(device, shape, requires_grad):
     return x, weight, bias, padding
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd(benchmark, impl, device, shape):
+def test_fwd(measure, impl, device, shape):
     args = _inputs(device, shape, requires_grad=False)
     fn = IMPLS[impl]
-
-    def step():
-        fn(*args)
-        _sync(device)
-
-    benchmark.group = f"conv2d_relu_maxpool2d fwd {device} {shape}"
-    benchmark.extra_info.update(impl=impl, device=device, shape=shape)
-    benchmark.pedantic(step, warmup_rounds=3, rounds=20, iterations=1)
+    measure(lambda: fn(*args), op="conv2d_relu_maxpool2d", kind="fwd", impl=impl, device=device, shape=shape,
+            rounds=20)
 
 
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd_bwd(benchmark, impl, device, shape):
+def test_fwd_bwd(measure, impl, device, shape):
     args = _inputs(device, shape, requires_grad=True)
     fn = IMPLS[impl]
-
-    def step():
-        fn(*args).sum().backward()
-        _sync(device)
-
-    benchmark.group = f"conv2d_relu_maxpool2d fwd+bwd {device} {shape}"
-    benchmark.extra_info.update(impl=impl, device=device, shape=shape)
-    benchmark.pedantic(step, warmup_rounds=3, rounds=20, iterations=1)
+    measure(lambda: fn(*args).sum().backward(), op="conv2d_relu_maxpool2d", kind="fwd+bwd", impl=impl,
+            device=device, shape=shape, rounds=20)

@@ -45,7 +45,7 @@ def fused(embedding, lstm, tokens, lengths):
 IMPLS = {"mmfast": fused, "native": native}
 
 
-def _bench(benchmark, impl, device, shape, backward):
+def _bench(measure, impl, device, shape, backward):
     embedding, lstm, tokens, lengths = _setup(device, shape)
     fn = IMPLS[impl]
 
@@ -53,25 +53,20 @@ def _bench(benchmark, impl, device, shape, backward):
         y, h_n, c_n = fn(embedding, lstm, tokens, lengths)
         if backward:
             (y.sum() + h_n.sum()).backward()
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    kind = "fwd+bwd" if backward else "fwd"
-    benchmark.group = f"lstm {kind} {device} {shape}"
-    benchmark.extra_info.update(impl=impl, device=device, shape=str(shape), op="lstm", kind=kind)
-    benchmark.pedantic(step, warmup_rounds=3, rounds=30, iterations=1)
+    measure(step, op="lstm", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device, shape=shape)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd(benchmark, impl, device, shape):
+def test_fwd(measure, impl, device, shape):
     with torch.no_grad():
-        _bench(benchmark, impl, device, shape, backward=False)
+        _bench(measure, impl, device, shape, backward=False)
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd_bwd(benchmark, impl, device, shape):
-    _bench(benchmark, impl, device, shape, backward=True)
+def test_fwd_bwd(measure, impl, device, shape):
+    _bench(measure, impl, device, shape, backward=True)
