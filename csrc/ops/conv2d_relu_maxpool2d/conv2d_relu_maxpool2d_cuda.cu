@@ -469,7 +469,8 @@ Plan make_plan(int64_t n, int64_t c, int64_t h, int64_t w, int64_t o, int64_t k,
 
   pl.xgrad_channels = c <= 4 ? 4 : (c <= 8 ? 8 : 16);
   pl.blocks_per_image = int(ceil_div<int64_t>(h * w, kThreads));
-  pl.xgrad_grid = dim3{unsigned(pl.blocks_per_image) * unsigned(g.n), unsigned(ceil_div<int64_t>(c, pl.xgrad_channels))};
+  pl.xgrad_grid =
+      dim3{unsigned(pl.blocks_per_image) * unsigned(g.n), unsigned(ceil_div<int64_t>(c, pl.xgrad_channels))};
   return pl;
 }
 
@@ -531,7 +532,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cu
   const std::vector<int64_t> out_shape{g.n, g.o, g.hp, g.wp};
   const at::IntArrayRef expected(out_shape);
   TORCH_CHECK(grad_out.sizes() == expected && argmax.sizes() == expected, op,
-              ": expected grad_out and argmax of shape ", expected, ", got ", grad_out.sizes(), " and ", argmax.sizes());
+              ": expected grad_out and argmax of shape ", expected, ", got ", grad_out.sizes(), " and ",
+              argmax.sizes());
   TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && argmax.scalar_type() == at::kByte, op,
               ": expected grad_out of dtype ", x.scalar_type(), " and argmax of dtype uint8, got ",
               grad_out.scalar_type(), " and ", argmax.scalar_type());
