@@ -2,12 +2,9 @@
 import argparse
 import json
 import sys
-import time
 from dataclasses import fields
-from pathlib import Path
 from typing import List, Optional
 
-import torch
 
 __all__ = ["main"]
 

@@ -4,7 +4,7 @@
 with the same parameter names, so a state_dict moves between backends unchanged and comparisons are
 like for like.
 """
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Optional, Tuple
 
 import torch
