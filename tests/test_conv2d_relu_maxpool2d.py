@@ -6,7 +6,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmfast
 from mmfast import reference
-from mmfast.testing import DEVICES, TOL
+from mmfast.testing import TOL
+
+# Tests of the CPU kernels (float64 and gradcheck included); the CUDA kernels have tests/test_*_cuda.py.
+DEVICES = ["cpu"]
 from mmfast.testing import make_conv2d_relu_maxpool2d_inputs as make
 
 DROPPED = 255
@@ -36,8 +39,7 @@ def assert_matches_reference(x, weight, bias, padding, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("k,padding", KERNEL_PADDINGS)
 @pytest.mark.parametrize("conv_hw", [(7, 9), (8, 5)], ids=str)  # conv output size: odd sizes drop a row/column
-@pytest.mark.parametrize("n,c", [(2, 1), (1, 5)], ids=str)
-@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("n,c,bias", [(2, 1, True), (1, 5, False)], ids=str)
 def test_matches_reference(device, dtype, k, padding, conv_hw, n, c, bias):
     torch.manual_seed(0)
     h, w = (s - 2 * padding + k - 1 for s in conv_hw)
@@ -89,6 +91,18 @@ def test_argmax_semantics(device):
     out, argmax = fused(x, weight, torch.tensor([-4.0], device=device))
     assert argmax.flatten().tolist() == [DROPPED, 0, DROPPED, 1, DROPPED, DROPPED, DROPPED]
     assert out.flatten().tolist() == [0.0, 1.0, 0.0, 3.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_nan_propagates_like_native(device):
+    torch.manual_seed(0)
+    x, weight, bias, padding = make(device, torch.float32, n=2, c=1, h=9, w=9, o=2, k=3, padding=1)
+    x[0, 0, 4, 4] = float("nan")
+    out = mmfast.ops.conv2d_relu_maxpool2d(x, weight, bias, padding)
+    expected = reference.conv2d_relu_maxpool2d(x, weight, bias, padding)
+    assert expected.isnan().any()
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert_close(out, expected, equal_nan=True, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)

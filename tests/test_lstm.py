@@ -7,7 +7,10 @@ from torch.testing import assert_close
 
 import mmfast
 from mmfast import reference
-from mmfast.testing import DEVICES, TOL, make_lstm_inputs
+from mmfast.testing import TOL, make_lstm_inputs
+
+# Tests of the CPU kernels (float64 and gradcheck included); the CUDA kernels have tests/test_*_cuda.py.
+DEVICES = ["cpu"]
 
 OP = torch.ops.mmfast.lstm.default
 NAMES = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
