@@ -6,6 +6,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <vector>
+
 #include "common/checks.h"
 
 namespace mmfast {
@@ -34,6 +36,25 @@ void check_conv2d_relu_maxpool2d_inputs(const at::Tensor& x, const at::Tensor& w
   const int64_t hc = x.size(2) + 2 * padding - k + 1, wc = x.size(3) + 2 * padding - k + 1;
   TORCH_CHECK(hc >= 2 && wc >= 2, op, ": expected the convolution output to be at least 2x2 for the 2x2 max-pool, ",
               "got ", hc, "x", wc, " from x of shape ", x.sizes(), ", kernel size ", k, " and padding ", padding);
+}
+
+void check_conv2d_relu_maxpool2d_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
+                                                 const at::Tensor& weight, const at::Tensor& argmax,
+                                                 int64_t padding) {
+  check_conv2d_relu_maxpool2d_inputs(x, weight, std::nullopt, padding);
+  constexpr const char* op = "mmfast::_conv2d_relu_maxpool2d_backward";
+  const int64_t k = weight.size(2);
+  const std::vector<int64_t> out_shape{x.size(0), weight.size(0), (x.size(2) + 2 * padding - k + 1) / 2,
+                                       (x.size(3) + 2 * padding - k + 1) / 2};
+  const at::IntArrayRef expected(out_shape);
+  TORCH_CHECK(grad_out.sizes() == expected && argmax.sizes() == expected, op,
+              ": expected grad_out and argmax of shape ", expected, ", got ", grad_out.sizes(), " and ",
+              argmax.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && argmax.scalar_type() == at::kByte, op,
+              ": expected grad_out of dtype ", x.scalar_type(), " and argmax of dtype uint8, got ",
+              grad_out.scalar_type(), " and ", argmax.scalar_type());
+  TORCH_CHECK(grad_out.device() == x.device() && argmax.device() == x.device(), op,
+              ": expected grad_out and argmax on ", x.device(), ", got ", grad_out.device(), " and ", argmax.device());
 }
 
 namespace {

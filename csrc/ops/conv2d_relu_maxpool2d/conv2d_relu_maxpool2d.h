@@ -22,6 +22,11 @@ constexpr uint8_t kArgmaxDropped = 255;
 void check_conv2d_relu_maxpool2d_inputs(const at::Tensor& x, const at::Tensor& weight,
                                         const std::optional<at::Tensor>& bias, int64_t padding);
 
+// The forward checks plus grad_out/argmax of the pooled shape, dtype (x's, uint8) and device (x's).
+void check_conv2d_relu_maxpool2d_backward_inputs(const at::Tensor& grad_out, const at::Tensor& x,
+                                                 const at::Tensor& weight, const at::Tensor& argmax,
+                                                 int64_t padding);
+
 std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                              const std::optional<at::Tensor>& bias,
                                                              int64_t padding);

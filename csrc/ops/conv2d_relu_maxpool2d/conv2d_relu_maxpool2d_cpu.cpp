@@ -259,19 +259,8 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cpu(const at::Tensor& x
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& argmax,
     int64_t padding, bool need_grad_x) {
-  check_conv2d_relu_maxpool2d_inputs(x, weight, std::nullopt, padding);
-  constexpr const char* op = "mmfast::_conv2d_relu_maxpool2d_backward";
+  check_conv2d_relu_maxpool2d_backward_inputs(grad_out, x, weight, argmax, padding);
   const Geometry g = make_geometry(x, weight, padding);
-  const std::vector<int64_t> out_shape{g.n, g.o, g.hp, g.wp};
-  const at::IntArrayRef expected(out_shape);
-  TORCH_CHECK(grad_out.sizes() == expected && argmax.sizes() == expected, op,
-              ": expected grad_out and argmax of shape ", expected, ", got ", grad_out.sizes(), " and ",
-              argmax.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && argmax.scalar_type() == at::kByte, op,
-              ": expected grad_out of dtype ", x.scalar_type(), " and argmax of dtype uint8, got ",
-              grad_out.scalar_type(), " and ", argmax.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device() && argmax.device() == x.device(), op,
-              ": expected grad_out and argmax on ", x.device(), ", got ", grad_out.device(), " and ", argmax.device());
 
   at::Tensor grad_x = need_grad_x ? at::empty({g.n, g.c, g.h, g.w}, x.options()) : x.new_empty({0});
   at::Tensor grad_weight = at::zeros({g.o, g.c, g.k, g.k}, weight.options());

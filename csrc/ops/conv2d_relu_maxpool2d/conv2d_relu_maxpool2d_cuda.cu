@@ -524,21 +524,10 @@ std::tuple<at::Tensor, at::Tensor> conv2d_relu_maxpool2d_cuda(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& argmax,
     int64_t padding, bool need_grad_x) {
-  check_conv2d_relu_maxpool2d_inputs(x, weight, std::nullopt, padding);
-  constexpr const char* op = "mmfast::_conv2d_relu_maxpool2d_backward";
+  check_conv2d_relu_maxpool2d_backward_inputs(grad_out, x, weight, argmax, padding);
   const c10::cuda::CUDAGuard guard(x.device());
   const Plan pl = plan_for(x, weight, padding);
   const Geometry& g = pl.g;
-  const std::vector<int64_t> out_shape{g.n, g.o, g.hp, g.wp};
-  const at::IntArrayRef expected(out_shape);
-  TORCH_CHECK(grad_out.sizes() == expected && argmax.sizes() == expected, op,
-              ": expected grad_out and argmax of shape ", expected, ", got ", grad_out.sizes(), " and ",
-              argmax.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type() && argmax.scalar_type() == at::kByte, op,
-              ": expected grad_out of dtype ", x.scalar_type(), " and argmax of dtype uint8, got ",
-              grad_out.scalar_type(), " and ", argmax.scalar_type());
-  TORCH_CHECK(grad_out.device() == x.device() && argmax.device() == x.device(), op,
-              ": expected grad_out and argmax on ", x.device(), ", got ", grad_out.device(), " and ", argmax.device());
 
   at::Tensor grad_x = need_grad_x ? at::empty({g.n, g.c, g.h, g.w}, x.options()) : at::empty({0}, x.options());
   if (g.n == 0) {
