@@ -43,8 +43,9 @@ def lstm(
     if has_bias:
         params += [b_ih if b_ih is not None else w_ih.new_zeros(4 * hidden),
                    b_hh if b_hh is not None else w_ih.new_zeros(4 * hidden)]
+    # train=True with dropout 0 computes the same thing and, unlike train=False, has a cuDNN backward.
     if lengths is None:
-        y, h_n, c_n = torch.lstm(x, (h0, c0), params, has_bias, 1, 0.0, False, False, True)
+        y, h_n, c_n = torch.lstm(x, (h0, c0), params, has_bias, 1, 0.0, True, False, True)
         return y, h_n, c_n
     lengths = lengths.to("cpu", torch.int64)
     # pack_padded_sequence rejects length 0: run the non-empty rows, keep h0/c0 for the empty ones.
@@ -58,7 +59,7 @@ def lstm(
     hx = (h0.index_select(1, dev_rows), c0.index_select(1, dev_rows))
     # pack_padded_sequence sorted the rows; hx must be permuted the same way (as nn.LSTM does).
     hx = tuple(h.index_select(1, packed.sorted_indices) for h in hx)
-    out, h, c = torch.lstm(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, False, False)
+    out, h, c = torch.lstm(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, True, False)
     out = pad_packed_sequence(
         packed._replace(data=out), batch_first=True, total_length=steps
     )[0]

@@ -37,6 +37,24 @@ def test_backends_share_state_dict_and_give_same_loss_and_grads(channels, paddin
                  torch.autograd.grad(loss_n, list(native.parameters())), rtol=1e-9, atol=1e-10)
 
 
+def test_cpu_autocast_runs_the_ops_in_float32_and_matches_the_float32_loss():
+    # Under CPU autocast the text projection is bfloat16 while the CNN features are float32; the ops' autocast
+    # kernels cast both to float32 (the CPU kernels' precision), as a native float32 op would run.
+    cfg = ModelConfig(num_classes=5, vocab_size=50, image_size=20, channels=(8, 16), padding=1, embed_dim=12,
+                      hidden_size=10, text_proj=16, fusion_dim=16)
+    torch.manual_seed(0)
+    model = MultimodalClassifier(cfg, "mmfast").eval()
+    images, tokens, lengths, labels = _batch(cfg)
+    loss_fp32 = F.cross_entropy(model(images, tokens, lengths), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(images, tokens, lengths)
+        loss = F.cross_entropy(logits.float(), labels)
+    assert logits.dtype == torch.bfloat16
+    loss.backward()
+    assert_close(loss, loss_fp32, rtol=0.02, atol=0.02)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_training_mode_dropout_is_reproducible():
     cfg = ModelConfig(num_classes=3, vocab_size=20, image_size=16, embed_dim=8, hidden_size=8, fusion_dim=8)
     model = MultimodalClassifier(cfg).train()

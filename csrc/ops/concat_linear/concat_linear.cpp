@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 
 namespace mmfast {
@@ -124,3 +125,5 @@ TORCH_LIBRARY_IMPL(mmfast, Autograd, m) {
   // Double backward is not supported: differentiating the backward op raises instead of returning zeros.
   m.impl("_concat_linear_backward", torch::autograd::autogradNotImplementedFallback());
 }
+
+MMFAST_REGISTER_AUTOCAST(concat_linear, concat_linear_cpu, concat_linear_backward_cpu)

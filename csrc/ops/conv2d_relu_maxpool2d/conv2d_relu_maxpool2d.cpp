@@ -8,6 +8,7 @@
 
 #include <vector>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 
 namespace mmfast {
@@ -113,3 +114,5 @@ TORCH_LIBRARY_IMPL(mmfast, Autograd, m) {
   m.impl("conv2d_relu_maxpool2d", &mmfast::conv2d_relu_maxpool2d_autograd);
   m.impl("_conv2d_relu_maxpool2d_backward", torch::autograd::autogradNotImplementedFallback());
 }
+
+MMFAST_REGISTER_AUTOCAST(conv2d_relu_maxpool2d, conv2d_relu_maxpool2d_cpu, conv2d_relu_maxpool2d_backward_cpu)

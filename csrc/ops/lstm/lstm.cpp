@@ -6,6 +6,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "common/autocast.h"
 #include "common/checks.h"
 
 namespace mmfast {
@@ -125,3 +126,5 @@ TORCH_LIBRARY_IMPL(mmfast, Autograd, m) {
   m.impl("lstm", &mmfast::lstm_autograd);
   m.impl("_lstm_backward", torch::autograd::autogradNotImplementedFallback());
 }
+
+MMFAST_REGISTER_AUTOCAST(lstm, lstm_cpu, lstm_backward_cpu)
