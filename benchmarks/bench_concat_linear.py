@@ -1,4 +1,6 @@
-"""concat + dropout + linear + ReLU: mmfast's fused op next to the native composition, same inputs.
+"""concat + dropout + linear + ReLU: mmfast's fused op next to native compositions, same inputs.
+
+Baselines: native eager (cat, dropout, linear, relu), torch.compile of it, and on CUDA its CUDA-graph replay.
 
 Run: pytest benchmarks/bench_concat_linear.py --benchmark-only [--benchmark-json=out.json]
 """
@@ -8,12 +10,15 @@ import torch.nn.functional as F
 
 import mmfast
 from mmfast.testing import DEVICES, make_concat_linear_inputs
+from variants import compiled, cuda_graphed
 
-# (batch, widths, out_features): the seed's head (CNN features 7200 + text 64 -> 128) at the CPU and GPU
-# batch sizes, and a larger one.
+# (batch, widths, out_features): the seed's head (CNN features 7200 + text 64 -> 128) at the device's batch (64 on
+# the CPU, 256 on CUDA), and a larger one.
 SHAPES = {"cpu": [(64, (7200, 64), 128), (256, (7200, 64), 128)],
           "cuda": [(256, (7200, 64), 128), (256, (8192, 256), 512)]}
-CASES = [(d, s) for d in DEVICES for s in SHAPES[d]]
+IMPLS = {"cpu": ["mmfast", "native", "native_compile"], "cuda": ["mmfast", "native", "native_compile",
+                                                                 "native_cuda_graph"]}
+CASES = [(impl, d, s) for d in DEVICES for s in SHAPES[d] for impl in IMPLS[d]]
 P = 0.5
 
 
@@ -25,31 +30,29 @@ def fused(inputs, weight, bias):
     return mmfast.ops.concat_linear(inputs, weight, bias, P, training=True, relu=True)
 
 
-IMPLS = {"mmfast": fused, "native": native}
-
-
 def _bench(measure, impl, device, shape, backward):
     n, widths, o = shape
     torch.manual_seed(0)
     inputs, weight, bias = make_concat_linear_inputs(device, torch.float32, n, widths, o, requires_grad=backward)
-    fn = IMPLS[impl]
+    fn = {"mmfast": fused, "native": native, "native_compile": compiled(native), "native_cuda_graph": native}[impl]
 
     def step():
         out = fn(inputs, weight, bias)
         if backward:
             out.sum().backward()
 
-    measure(step, op="concat_linear", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device, shape=shape)
+    with torch.set_grad_enabled(backward):
+        if impl == "native_cuda_graph":
+            step = cuda_graphed(step)
+        measure(step, op="concat_linear", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device,
+                shape=shape, warmup=5 if "compile" in impl else 3)
 
 
-@pytest.mark.parametrize("device,shape", CASES, ids=str)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
 def test_fwd(measure, impl, device, shape):
-    with torch.no_grad():
-        _bench(measure, impl, device, shape, backward=False)
+    _bench(measure, impl, device, shape, backward=False)
 
 
-@pytest.mark.parametrize("device,shape", CASES, ids=str)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
 def test_fwd_bwd(measure, impl, device, shape):
     _bench(measure, impl, device, shape, backward=True)

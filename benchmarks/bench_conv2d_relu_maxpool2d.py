@@ -1,4 +1,11 @@
-# run: python -m pytest benchmarks/bench_conv2d_relu_maxpool2d.py --benchmark-only [--benchmark-json=out.json]
+"""Image feature blocks, conv2d + bias + ReLU + 2x2 max-pool: mmfast's fused op next to native compositions.
+
+Cases: the seed's one block (3->32, 3x3, valid, 32x32) and the larger three-block stack (32, 64, 128; 3x3,
+padding 1), at batch 64 on the CPU and 256 on CUDA. Baselines: native eager (NCHW), channels_last (CPU),
+torch.compile, and a CUDA-graph replay (CUDA).
+
+Run: pytest benchmarks/bench_conv2d_relu_maxpool2d.py --benchmark-only [--benchmark-json=out.json]
+"""
 import pytest
 import torch
 
@@ -6,42 +13,63 @@ import mmfast
 from mmfast import reference
 from mmfast.testing import DEVICES
 from mmfast.testing import make_conv2d_relu_maxpool2d_inputs as make
+from variants import compiled, cuda_graphed
 
-IMPLS = {"mmfast": mmfast.ops.conv2d_relu_maxpool2d, "native": reference.conv2d_relu_maxpool2d}
-
-# (n, c, o, k, padding, h, w): the seed model's first block, and a wider second-block-like layer, at the CPU
-# batch (64) and the GPU batch (256).
-SHAPES = {
-    "B64_3to32_k3_valid_32x32": (64, 3, 32, 3, 0, 32, 32),
-    "B64_32to64_k3_pad1_16x16": (64, 32, 64, 3, 1, 16, 16),
-    "B256_3to32_k3_valid_32x32": (256, 3, 32, 3, 0, 32, 32),
-    "B256_32to64_k3_pad1_16x16": (256, 32, 64, 3, 1, 16, 16),
-}
-CASES = [(d, s) for d in DEVICES for s in SHAPES if s.startswith("B64" if d == "cpu" else "B256")]
+OP = "conv2d_relu_maxpool2d"
+# name -> (channels, padding, image size); the batch is the device's.
+STACKS = {"seed_3to32_valid_32x32": ((3, 32), 0, 32), "blocks_32_64_128_pad1_32x32": ((3, 32, 64, 128), 1, 32)}
+BATCH = {"cpu": 64, "cuda": 256}
 
 
-def _inputs(device, shape, requires_grad):
-    n, c, o, k, padding, h, w = SHAPES[shape]
+def _impls(device):
+    impls = ["mmfast", "native", "native_compile"]
+    impls += ["native_channels_last"] if device == "cpu" else ["native_cuda_graph"]
+    return impls
+
+
+CASES = [(impl, d, s) for d in DEVICES for s in STACKS for impl in _impls(d)]
+
+
+def _setup(impl, device, stack, backward):
+    channels, padding, size = STACKS[stack]
     torch.manual_seed(0)
-    x, weight, bias, padding = make(device, torch.float32, n=n, c=c, h=h, w=w, o=o, k=k, padding=padding,
-                                    requires_grad=requires_grad)
-    x.requires_grad_(requires_grad and c != 3)  # the first layer's images need no gradient, later blocks' do
-    return x, weight, bias, padding
+    x = torch.randn(BATCH[device], channels[0], size, size, device=device)  # images: no gradient
+    layers = [make(device, torch.float32, n=1, c=c, h=1, w=1, o=o, k=3, padding=padding, requires_grad=backward)[1:3]
+              for c, o in zip(channels, channels[1:])]
+    block = mmfast.ops.conv2d_relu_maxpool2d if impl == "mmfast" else reference.conv2d_relu_maxpool2d
+    if impl == "native_channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        layers = [(w.detach().contiguous(memory_format=torch.channels_last).requires_grad_(backward), b)
+                  for w, b in layers]
+
+    def forward(x):
+        for weight, bias in layers:
+            x = block(x, weight, bias, padding)
+        return x
+
+    if impl == "native_compile":
+        forward = compiled(forward)
+
+    def step():
+        out = forward(x)
+        if backward:
+            out.sum().backward()
+
+    return cuda_graphed(step) if impl == "native_cuda_graph" else step
 
 
-@pytest.mark.parametrize("device,shape", CASES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd(measure, impl, device, shape):
-    args = _inputs(device, shape, requires_grad=False)
-    fn = IMPLS[impl]
-    measure(lambda: fn(*args), op="conv2d_relu_maxpool2d", kind="fwd", impl=impl, device=device, shape=shape,
-            rounds=20)
+def _bench(measure, impl, device, stack, backward):
+    with torch.set_grad_enabled(backward):
+        step = _setup(impl, device, stack, backward)
+        measure(step, op=OP, kind="fwd+bwd" if backward else "fwd", impl=impl, device=device,
+                shape=f"B{BATCH[device]}_{stack}", rounds=20, warmup=5 if "compile" in impl else 3)
 
 
-@pytest.mark.parametrize("device,shape", CASES)
-@pytest.mark.parametrize("impl", list(IMPLS))
-def test_fwd_bwd(measure, impl, device, shape):
-    args = _inputs(device, shape, requires_grad=True)
-    fn = IMPLS[impl]
-    measure(lambda: fn(*args).sum().backward(), op="conv2d_relu_maxpool2d", kind="fwd+bwd", impl=impl,
-            device=device, shape=shape, rounds=20)
+@pytest.mark.parametrize("impl,device,stack", CASES)
+def test_fwd(measure, impl, device, stack):
+    _bench(measure, impl, device, stack, backward=False)
+
+
+@pytest.mark.parametrize("impl,device,stack", CASES)
+def test_fwd_bwd(measure, impl, device, stack):
+    _bench(measure, impl, device, stack, backward=True)

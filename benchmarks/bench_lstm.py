@@ -1,7 +1,9 @@
-"""Embedding + one-layer LSTM over padded token sequences: mmfast's fused op next to the native composition.
+"""Embedding + one-layer LSTM over padded token sequences: mmfast's fused op next to native compositions.
 
-native = nn.Embedding + pack_padded_sequence + nn.LSTM + pad_packed_sequence (what a user writes);
-mmfast = nn.Embedding + mmfast.ops.lstm with lengths. Same weights, same tokens.
+native = nn.Embedding + pack_padded_sequence + nn.LSTM + pad_packed_sequence (what a user writes for padded
+batches); native_compile = the same under torch.compile; on CUDA also native_cudnn_unpacked = nn.LSTM (cuDNN)
+over the padded batch, ignoring lengths (less work than the task asks, the fastest native call), and its
+CUDA-graph replay. mmfast = nn.Embedding + mmfast.ops.lstm with lengths. Same weights, same tokens.
 
 Run: pytest benchmarks/bench_lstm.py --benchmark-only [--benchmark-json=out.json]
 """
@@ -12,12 +14,15 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import mmfast
 from mmfast.testing import DEVICES
+from variants import compiled, cuda_graphed
 
 VOCAB = 1000
 # (batch, steps, embedding, hidden): the seed's text branch and a larger one, at the CPU batch (64) and the GPU
 # batch (256).
 SHAPES = {"cpu": [(64, 32, 128, 64), (64, 64, 128, 256)], "cuda": [(256, 32, 128, 64), (256, 64, 128, 256)]}
-CASES = [(d, s) for d in DEVICES for s in SHAPES[d]]
+IMPLS = {"cpu": ["mmfast", "native", "native_compile"],
+         "cuda": ["mmfast", "native", "native_compile", "native_cudnn_unpacked", "native_cuda_graph"]}
+CASES = [(impl, d, s) for d in DEVICES for s in SHAPES[d] for impl in IMPLS[d]]
 
 
 def _setup(device, shape):
@@ -38,35 +43,41 @@ def native(embedding, lstm, tokens, lengths):
     return pad_packed_sequence(out, batch_first=True, total_length=tokens.shape[1])[0], h_n, c_n
 
 
+def native_unpacked(embedding, lstm, tokens, lengths):
+    out, (h_n, c_n) = lstm(embedding(tokens))
+    return out, h_n, c_n
+
+
 def fused(embedding, lstm, tokens, lengths):
     y, (h_n, c_n) = mmfast.ops.lstm(embedding(tokens), lengths, None, None, lstm.weight_ih_l0, lstm.weight_hh_l0,
                                     lstm.bias_ih_l0, lstm.bias_hh_l0)
     return y, h_n, c_n
 
 
-IMPLS = {"mmfast": fused, "native": native}
-
-
 def _bench(measure, impl, device, shape, backward):
     embedding, lstm, tokens, lengths = _setup(device, shape)
-    fn = IMPLS[impl]
+    fn = {"mmfast": fused, "native": native, "native_compile": compiled(native),
+          "native_cudnn_unpacked": native_unpacked, "native_cuda_graph": native_unpacked}[impl]
+    if impl == "mmfast" and device == "cuda":
+        lengths = lengths.to(device)  # device lengths: no host sync, capturable
 
     def step():
         y, h_n, c_n = fn(embedding, lstm, tokens, lengths)
         if backward:
             (y.sum() + h_n.sum()).backward()
 
-    measure(step, op="lstm", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device, shape=shape)
+    with torch.set_grad_enabled(backward):
+        if impl == "native_cuda_graph":
+            step = cuda_graphed(step)
+        measure(step, op="lstm", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device, shape=shape,
+                warmup=5 if "compile" in impl else 3)
 
 
-@pytest.mark.parametrize("device,shape", CASES, ids=str)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
 def test_fwd(measure, impl, device, shape):
-    with torch.no_grad():
-        _bench(measure, impl, device, shape, backward=False)
+    _bench(measure, impl, device, shape, backward=False)
 
 
-@pytest.mark.parametrize("device,shape", CASES, ids=str)
-@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
 def test_fwd_bwd(measure, impl, device, shape):
     _bench(measure, impl, device, shape, backward=True)

@@ -1,19 +1,41 @@
-"""Shared timing for the op benchmarks: one pytest-benchmark group per (op, kind, device, shape), so the
-mmfast and native implementations sit side by side; CUDA work is synchronised inside the timed step."""
+"""Shared timing for the benchmark suites.
+
+Each case is one pytest-benchmark group, "<op> <kind> <device> <shape>", holding mmfast and its native baselines
+side by side (extra_info "impl": "mmfast", "native" = eager in the default layout, or "native_<variant>" = the
+strongest native options a user would try: channels_last, torch.compile, CUDA-graph replay). CUDA work is
+synchronised inside the timed step. `python3 benchmarks/report.py bench.json` turns the JSON into a table.
+"""
+import functools
+import platform
+
 import pytest
 import torch
 
 
+@functools.lru_cache(maxsize=None)
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    brand = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            brand = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{brand} ({torch.get_num_threads()} threads)"
+
+
 @pytest.fixture
 def measure(benchmark):
-    def run(step, *, op: str, kind: str, impl: str, device: str, shape, rounds: int = 30):
+    def run(step, *, op: str, kind: str, impl: str, device: str, shape, rounds: int = 30, warmup: int = 3):
         def timed():
             step()
             if device == "cuda":
                 torch.cuda.synchronize()
 
         benchmark.group = f"{op} {kind} {device} {shape}"
-        benchmark.extra_info.update(op=op, kind=kind, impl=impl, device=device, shape=str(shape))
-        benchmark.pedantic(timed, warmup_rounds=3, rounds=rounds, iterations=1)
+        benchmark.extra_info.update(op=op, kind=kind, impl=impl, device=device, shape=str(shape),
+                                    device_name=device_name(device), torch=torch.__version__)
+        benchmark.pedantic(timed, warmup_rounds=warmup, rounds=rounds, iterations=1)
 
     return run

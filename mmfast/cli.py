@@ -16,6 +16,16 @@ def _channels(text: str):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 32,64,128, got {text!r}")
 
 
+def _variants(text: str):
+    from .bench import VARIANTS
+
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    unknown = [v for v in names if v not in VARIANTS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected comma-separated variants from {', '.join(VARIANTS)}, got {text!r}")
+    return names
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default="builtin", help="builtin | cifar10:DIR | manifest:FILE (default: builtin)")
     p.add_argument("--backend", default="mmfast", choices=["mmfast", "native"])
@@ -71,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, default=32)
     b.add_argument("--hidden-size", type=int, default=64)
     b.add_argument("--max-len", type=int, default=32)
+    b.add_argument("--variants", type=_variants, default=("native", "mmfast"),
+                   help="comma-separated, the first is the baseline: native, mmfast, native_channels_last, "
+                        "native_compile (compiles first: adds a minute or more on CPU) (default: native,mmfast)")
     return parser
 
 
@@ -127,7 +140,8 @@ def _cmd_bench(args) -> int:
 
     rows = bench_train_step(data=args.data, device=args.device, batch_size=args.batch_size, steps=args.steps,
                             warmup=args.warmup, channels=args.channels, padding=args.padding,
-                            image_size=args.image_size, hidden_size=args.hidden_size, max_len=args.max_len)
+                            image_size=args.image_size, hidden_size=args.hidden_size, max_len=args.max_len,
+                            variants=args.variants)
     print(format_table(rows))
     return 0
 

@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 __all__ = ["conv2d_relu_maxpool2d", "lstm", "concat_linear", "dropout_keep_mask"]
 
@@ -61,7 +61,8 @@ def lstm(
     hx = tuple(h.index_select(1, packed.sorted_indices) for h in hx)
     out, h, c = torch.lstm(packed.data, packed.batch_sizes, hx, params, has_bias, 1, 0.0, True, False)
     out = pad_packed_sequence(
-        packed._replace(data=out), batch_first=True, total_length=steps
+        PackedSequence(out, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices),
+        batch_first=True, total_length=steps,
     )[0]
     h, c = (t.index_select(1, packed.unsorted_indices) for t in (h, c))
     y = y.index_copy(0, dev_rows, out)

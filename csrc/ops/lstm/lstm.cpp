@@ -76,8 +76,9 @@ class LstmFunction : public torch::autograd::Function<LstmFunction> {
     }
     ctx->mark_non_differentiable({gates, cells});
     ctx->set_materialize_grads(false);  // the backward op takes a missing grad as zero: no zero-filled [B, T, 4H]
+    // The CPU backward recomputes h_{t-1} from gates and cells: keeping y too would cost another [B, T, H].
     ctx->save_for_backward({x, lengths.value_or(at::Tensor()), h0.value_or(at::Tensor()), c0.value_or(at::Tensor()),
-                            w_ih, w_hh, y, gates, cells});
+                            w_ih, w_hh, x.is_cpu() ? at::Tensor() : y, gates, cells});
     ctx->saved_data["has_b_ih"] = b_ih.has_value();
     ctx->saved_data["has_b_hh"] = b_hh.has_value();
     return {y, h_n, c_n, gates, cells};
@@ -90,7 +91,7 @@ class LstmFunction : public torch::autograd::Function<LstmFunction> {
     const auto s = ctx->get_saved_variables();
     auto [grad_x, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias] =
         op.call(optional_of(grad_outputs[0]), optional_of(grad_outputs[1]), optional_of(grad_outputs[2]), s[0],
-                optional_of(s[1]), optional_of(s[2]), optional_of(s[3]), s[4], s[5], s[6], s[7], s[8]);
+                optional_of(s[1]), optional_of(s[2]), optional_of(s[3]), s[4], s[5], optional_of(s[6]), s[7], s[8]);
     // One gradient per forward argument: x, lengths, h0, c0, w_ih, w_hh, b_ih, b_hh.
     return {grad_x,
             at::Tensor(),
@@ -118,7 +119,7 @@ TORCH_LIBRARY_FRAGMENT(mmfast, m) {
   m.def("lstm(Tensor x, Tensor? lengths, Tensor? h0, Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih,"
         " Tensor? b_hh) -> (Tensor y, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   m.def("_lstm_backward(Tensor? grad_y, Tensor? grad_h_n, Tensor? grad_c_n, Tensor x, Tensor? lengths, Tensor? h0,"
-        " Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor y, Tensor gates, Tensor cells) -> (Tensor grad_x,"
+        " Tensor? c0, Tensor w_ih, Tensor w_hh, Tensor? y, Tensor gates, Tensor cells) -> (Tensor grad_x,"
         " Tensor grad_h0, Tensor grad_c0, Tensor grad_w_ih, Tensor grad_w_hh, Tensor grad_bias)");
 }
 

@@ -8,6 +8,8 @@
 //   cells:   [B, T, H]  workspace for backward: the cell state c_t after each step
 //   (the workspace's layout inside those shapes is each device's own: backward reads only the workspace
 //   that the same device's forward wrote)
+// Backward takes y only on CUDA; the CPU kernel recomputes h_{t-1} = o_{t-1} * tanh(c_{t-1}) from the workspace,
+// so on the CPU autograd keeps gates and cells (5H values per step) and not y.
 // Lengths on the CPU are range-checked; lengths on the device cannot be without a host sync, so the CUDA
 // kernels clamp them to [0, T].
 // Backward: grads of y, h_n, c_n (each may be None = zero) -> grad_x, grad_h0, grad_c0 [1, B, H],
@@ -34,6 +36,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells);
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& y, const at::Tensor& gates, const at::Tensor& cells);
 
 }  // namespace mmfast

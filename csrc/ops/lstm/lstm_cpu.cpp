@@ -187,6 +187,21 @@ MMFAST_INLINE void bwd_rows_vec(const float* g, const float* c_cur, const float*
   }
 }
 
+// h = o * tanh(c) for `rows` rows, as the forward step computed it. g: activated gates [rows, 4H]; c, h: [rows, H].
+template <int W>
+MMFAST_INLINE void hidden_rows_vec(const float* g, const float* c, float* h, int64_t rows, int64_t H) {
+  using F = typename Vec<W>::F;
+  using I = typename Vec<W>::I;
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto lanes = [&](int64_t j, auto m) __attribute__((always_inline)) {
+      vstore(h + r * H + j, vload<F>(g + r * 4 * H + 3 * H + j, m) * vtanh<F, I>(vload<F>(c + r * H + j, m)), m);
+    };
+    int64_t j = 0;
+    for (; j + W <= H; j += W) lanes(j, std::integral_constant<int64_t, W>{});
+    if (j < H) lanes(j, H - j);
+  }
+}
+
 template <typename scalar_t>
 MMFAST_INLINE scalar_t sigmoid_(scalar_t x) {
   return scalar_t(1) / (scalar_t(1) + std::exp(-x));
@@ -231,7 +246,17 @@ void bwd_rows_scalar(const scalar_t* g, const scalar_t* c_cur, const scalar_t* c
   }
 }
 
+template <typename scalar_t>
+void hidden_rows_scalar(const scalar_t* g, const scalar_t* c, scalar_t* h, int64_t rows, int64_t H) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < H; ++j) h[r * H + j] = g[r * 4 * H + 3 * H + j] * std::tanh(c[r * H + j]);
+}
+
 #if MMFAST_LSTM_AVX2
+__attribute__((target("avx2,fma"))) void hidden_rows_avx2(const float* g, const float* c, float* h, int64_t rows,
+                                                          int64_t H) {
+  hidden_rows_vec<8>(g, c, h, rows, H);
+}
 __attribute__((target("avx2,fma"))) void fwd_rows_avx2(float* g, const float* bias, const float* c_prev,
                                                        float* c_out, float* h_out, int64_t rows, int64_t H) {
   fwd_rows_vec<8>(g, bias, c_prev, c_out, h_out, rows, H);
@@ -270,6 +295,18 @@ void bwd_rows(const scalar_t* g, const scalar_t* c_cur, const scalar_t* c_prev, 
     bwd_rows_vec<4>(g, c_cur, c_prev, dh, gy, dc, dg, rows, H);
   } else {
     bwd_rows_scalar(g, c_cur, c_prev, dh, gy, dc, dg, rows, H);
+  }
+}
+
+template <typename scalar_t>
+void hidden_rows(const scalar_t* g, const scalar_t* c, scalar_t* h, int64_t rows, int64_t H) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+#if MMFAST_LSTM_AVX2
+    if (has_avx2()) return hidden_rows_avx2(g, c, h, rows, H);
+#endif
+    hidden_rows_vec<4>(g, c, h, rows, H);
+  } else {
+    hidden_rows_scalar(g, c, h, rows, H);
   }
 }
 
@@ -412,17 +449,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells) {
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& y, const at::Tensor& gates, const at::Tensor& cells) {
   constexpr const char* op = "mmfast::_lstm_backward";
   check_lstm_inputs(x, lengths, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt);
   TORCH_CHECK(!lengths.has_value() || lengths->is_cpu(), op, ": the CPU kernel expects lengths on the CPU, got ",
               lengths.has_value() ? lengths->device() : x.device());
   const int64_t batch = x.size(0), steps = x.size(1), I = x.size(2), H = w_hh.size(1);
   const std::vector<int64_t> seq_shape{batch, steps, H}, state_shape{1, batch, H};
-  TORCH_CHECK(y.sizes() == seq_shape && cells.sizes() == seq_shape &&
+  // y is not needed here (h_{t-1} is recomputed from the workspace) but must fit the contract when given.
+  const at::IntArrayRef y_shape = y.has_value() ? y->sizes() : at::IntArrayRef(seq_shape);
+  TORCH_CHECK(y_shape == seq_shape && cells.sizes() == seq_shape &&
                   gates.sizes() == at::IntArrayRef({batch, steps, 4 * H}),
               op, ": expected y, cells [", batch, ", ", steps, ", ", H, "] and gates [", batch, ", ", steps, ", ",
-              4 * H, "], got ", y.sizes(), ", ", cells.sizes(), " and ", gates.sizes());
+              4 * H, "], got ", y_shape, ", ", cells.sizes(), " and ", gates.sizes());
   TORCH_CHECK(!grad_y.has_value() || grad_y->sizes() == seq_shape, op, ": expected grad_y of shape ",
               at::IntArrayRef(seq_shape), ", got ", grad_y->sizes());
   for (const auto* g : {&grad_h_n, &grad_c_n})
@@ -438,10 +477,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     // dh, dc: running grads of h and c per rank; rows past a sequence's length carry grad_h_n/grad_c_n.
     at::Tensor dh = sorted_state<scalar_t>(grad_h_n, p, H, opts), dc = sorted_state<scalar_t>(grad_c_n, p, H, opts);
     at::Tensor dgates = at::empty({N, 4 * H}, opts);
+    const at::Tensor gc = gates.contiguous(), cc = cells.contiguous();
     if (N > 0) {
       const at::Tensor gy = grad_y.has_value() ? grad_y->contiguous() : at::Tensor();
       const at::Tensor zeros = at::zeros({H}, opts);
-      const at::Tensor gc = gates.contiguous(), cc = cells.contiguous();
       const at::Tensor c0s = sorted_state<scalar_t>(c0, p, H, opts);
       const scalar_t* g = gc.const_data_ptr<scalar_t>();
       const scalar_t* c = cc.const_data_ptr<scalar_t>();
@@ -466,22 +505,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     }
     grad_h0 = unsorted_state<scalar_t>(dh, p);
     grad_c0 = unsorted_state<scalar_t>(dc, p);
-    // Hidden state entering each packed row: h0 at t = 0, else y[b, t - 1].
-    const at::Tensor yc = y.contiguous();
-    const at::Tensor h0c = h0.has_value() ? h0->contiguous() : at::Tensor();
+    // Hidden state entering each packed row: h0 at t = 0, else h_{t-1} = o_{t-1} * tanh(c_{t-1}), recomputed
+    // from the workspace. The rows of step t are ranks 0..bs[t]-1, whose step t-1 rows are contiguous too.
     at::Tensor h_prev = at::empty({N, H}, opts);
     if (N > 0) {
-      const scalar_t* yp = yc.const_data_ptr<scalar_t>();
-      const scalar_t* h0p = h0c.defined() ? h0c.const_data_ptr<scalar_t>() : nullptr;
+      h_prev.narrow(0, 0, p.bs[0]).copy_(sorted_state<scalar_t>(h0, p, H, opts).narrow(0, 0, p.bs[0]));
+      const scalar_t* g = gc.const_data_ptr<scalar_t>();
+      const scalar_t* c = cc.const_data_ptr<scalar_t>();
       scalar_t* hpp = h_prev.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, N, grain_rows(H), [&](int64_t begin, int64_t end) {
-        for (int64_t n = begin; n < end; ++n) {
-          const int64_t b = p.row_b[n], t = p.row_t[n];
-          const scalar_t* src = t > 0 ? yp + (b * steps + t - 1) * H : (h0p ? h0p + b * H : nullptr);
-          if (src) std::memcpy(hpp + n * H, src, H * sizeof(scalar_t));
-          else std::memset(hpp + n * H, 0, H * sizeof(scalar_t));
-        }
-      });
+      for (int64_t t = 1; t < p.max_len; ++t) {
+        const int64_t rows = p.bs[t], src = p.off[t - 1], dst = p.off[t];
+        at::parallel_for(0, rows, grain_rows(2 * H), [&](int64_t begin, int64_t end) {
+          hidden_rows<scalar_t>(g + (src + begin) * 4 * H, c + (src + begin) * H, hpp + (dst + begin) * H,
+                                end - begin, H);
+        });
+      }
     }
     const at::Tensor xp = pack_input<scalar_t>(x, p);
     const at::Tensor dgates_t = dgates.t();

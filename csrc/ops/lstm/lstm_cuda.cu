@@ -688,8 +688,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& grad_y, const std::optional<at::Tensor>& grad_h_n,
     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& x, const std::optional<at::Tensor>& lengths,
     const std::optional<at::Tensor>& h0, const std::optional<at::Tensor>& c0, const at::Tensor& w_ih,
-    const at::Tensor& w_hh, const at::Tensor& y, const at::Tensor& gates, const at::Tensor& cells) {
+    const at::Tensor& w_hh, const std::optional<at::Tensor>& y_opt, const at::Tensor& gates,
+    const at::Tensor& cells) {
   constexpr const char* op = "mmfast::_lstm_backward";
+  TORCH_CHECK(y_opt.has_value(), op, ": the CUDA kernel needs y (the forward's output)");
+  const at::Tensor& y = *y_opt;
   check_lstm_inputs(x, lengths, h0, c0, w_ih, w_hh, std::nullopt, std::nullopt);
   TORCH_CHECK(x.is_cuda(), op, ": the CUDA kernel expects x on a CUDA device, got ", x.device());
   const int64_t B = x.size(0), T = x.size(1), I = x.size(2), H = w_hh.size(1);
