@@ -15,8 +15,8 @@ from .data import Collator, Vocab
 from .models import ModelConfig, MultimodalClassifier
 from .train import TrainConfig, image_transform, load_split
 
-__all__ = ["StepCase", "make_case", "make_train_step", "saved_tensor_bytes", "bench_train_step", "format_table",
-           "VARIANTS"]
+__all__ = ["StepCase", "make_case", "make_train_step", "saved_tensor_bytes", "op_memory_cases", "op_memory_table",
+           "bench_train_step", "format_table", "VARIANTS"]
 
 # Training-step variants: the two backends, and the strongest native options a user would try.
 #   native_channels_last: the native model and images in channels_last (faster convolutions on CPU);
@@ -106,6 +106,51 @@ def saved_tensor_bytes(fn: Callable[[], object], exclude: Iterable[Tensor] = ())
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(saved.values())
+
+
+def op_memory_cases(device="cpu") -> Dict[str, Tuple[Callable[[], object], Callable[[], object], List[Tensor]]]:
+    """Each op at the seed's shapes (batch 64): name -> (mmfast forward, native forward, inputs and parameters).
+
+    The native side is the composition a user writes: conv2d + relu + max_pool2d; pack_padded_sequence + LSTM
+    (lengths uniform in [0, T], T itself present: padding-heavy, the case least favourable to mmfast, whose
+    workspace is padded); cat + dropout + linear + relu.
+    """
+    from . import ops, reference
+    from .testing import make_concat_linear_inputs, make_conv2d_relu_maxpool2d_inputs, make_lstm_inputs
+
+    torch.manual_seed(0)
+    x, w, b, pad = make_conv2d_relu_maxpool2d_inputs(device, torch.float32, n=64, c=3, h=32, w=32, o=32, k=3,
+                                                     padding=0, requires_grad=True)
+    x.requires_grad_(False)
+    x2, w2, b2, pad2 = make_conv2d_relu_maxpool2d_inputs(device, torch.float32, n=64, c=32, h=16, w=16, o=64, k=3,
+                                                         padding=1, requires_grad=True)
+    seq, lengths, _, _, *lstm_w = make_lstm_inputs(device, torch.float32, b=64, t=32, i=128, h=64, state=False,
+                                                   requires_grad=True)
+    feats, fw, fb = make_concat_linear_inputs(device, torch.float32, n=64, widths=(7200, 64), o=128,
+                                              requires_grad=True)
+    return {
+        "conv2d_relu_maxpool2d 3->32 32x32": (lambda: ops.conv2d_relu_maxpool2d(x, w, b, pad),
+                                              lambda: reference.conv2d_relu_maxpool2d(x, w, b, pad), [x, w, b]),
+        "conv2d_relu_maxpool2d 32->64 16x16": (lambda: ops.conv2d_relu_maxpool2d(x2, w2, b2, pad2),
+                                               lambda: reference.conv2d_relu_maxpool2d(x2, w2, b2, pad2),
+                                               [x2, w2, b2]),
+        "lstm T32 E128 H64": (lambda: ops.lstm(seq, lengths, None, None, *lstm_w),
+                              lambda: reference.lstm(seq, lengths, None, None, *lstm_w), [seq, *lstm_w]),
+        "concat_linear [7200, 64] -> 128": (
+            lambda: ops.concat_linear(feats, fw, fb, 0.5, training=True, relu=True),
+            lambda: F.relu(F.linear(F.dropout(torch.cat(feats, 1), 0.5, training=True), fw, fb)), [*feats, fw, fb]),
+    }
+
+
+def op_memory_table(device="cpu") -> str:
+    """Markdown: the bytes each op's forward keeps for backward (inputs and parameters left out), vs native."""
+    lines = ["| op, batch 64 | native | mmfast | mmfast / native |", "| --- | ---: | ---: | ---: |"]
+    for name, (fused, native, leaves) in op_memory_cases(device).items():
+        kept_native = saved_tensor_bytes(native, exclude=leaves)
+        kept_fused = saved_tensor_bytes(fused, exclude=leaves)
+        lines.append(f"| {name} | {kept_native / 2**20:.2f} MiB | {kept_fused / 2**20:.2f} MiB | "
+                     f"{kept_fused / kept_native:.2f} |")
+    return "\n".join(lines)
 
 
 def _sync(device: torch.device) -> None:

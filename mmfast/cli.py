@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--image-size", type=int, default=32)
     b.add_argument("--hidden-size", type=int, default=64)
     b.add_argument("--max-len", type=int, default=32)
+    b.add_argument("--memory", action="store_true",
+                   help="also print the memory each op keeps for backward, mmfast vs native, at the seed's shapes")
     b.add_argument("--variants", type=_variants, default=("native", "mmfast"),
                    help="comma-separated, the first is the baseline: native, mmfast, native_channels_last, "
                         "native_compile (compiles first: adds a minute or more on CPU) (default: native,mmfast)")
@@ -143,6 +145,11 @@ def _cmd_bench(args) -> int:
                             image_size=args.image_size, hidden_size=args.hidden_size, max_len=args.max_len,
                             variants=args.variants)
     print(format_table(rows))
+    if args.memory:
+        from .bench import op_memory_table
+
+        print(f"\nmemory each op keeps for backward (inputs and parameters left out), {args.device}:")
+        print(op_memory_table(args.device))
     return 0
 
 

@@ -5,13 +5,10 @@ shapes; they count bytes, so they are deterministic (timings live in benchmarks/
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
-import mmfast
-from mmfast import reference
-from mmfast.bench import VARIANTS, bench_train_step, make_case, make_train_step, saved_tensor_bytes
-from mmfast.testing import make_concat_linear_inputs, make_conv2d_relu_maxpool2d_inputs, make_lstm_inputs
+from mmfast.bench import (VARIANTS, bench_train_step, make_case, make_train_step, op_memory_cases, op_memory_table,
+                          saved_tensor_bytes)
 
 
 def test_saved_tensor_bytes_counts_distinct_activations_only():
@@ -24,41 +21,18 @@ def test_saved_tensor_bytes_counts_distinct_activations_only():
         assert saved_tensor_bytes(lambda: torch.exp(x)) == 0
 
 
-def _conv_case():
-    x, w, b, p = make_conv2d_relu_maxpool2d_inputs("cpu", torch.float32, n=64, c=32, h=16, w=16, o=64, k=3, padding=1,
-                                                   requires_grad=True)
-    return (x, w, b, p), [x, w, b]
-
-
-def _lstm_case():
-    x, lengths, h0, c0, *weights = make_lstm_inputs("cpu", torch.float32, b=64, t=32, i=128, h=64, state=False,
-                                                    requires_grad=True)
-    return (x, lengths, h0, c0, *weights), [x, *weights]
-
-
-def _head_case():
-    inputs, w, b = make_concat_linear_inputs("cpu", torch.float32, n=64, widths=(7200, 64), o=128, requires_grad=True)
-    return (inputs, w, b), [*inputs, w, b]
-
-
-def _native_head(inputs, w, b):
-    return F.relu(F.linear(F.dropout(torch.cat(inputs, 1), 0.5, training=True), w, b))
-
-
-def _fused_head(inputs, w, b):
-    return mmfast.ops.concat_linear(inputs, w, b, 0.5, training=True, relu=True)
-
-
-@pytest.mark.parametrize("case,fused,native", [
-    (_conv_case, mmfast.ops.conv2d_relu_maxpool2d, reference.conv2d_relu_maxpool2d),
-    (_lstm_case, mmfast.ops.lstm, reference.lstm),
-    (_head_case, _fused_head, _native_head),
-], ids=["conv2d_relu_maxpool2d", "lstm", "concat_linear"])
-def test_ops_keep_no_more_for_backward_than_native(case, fused, native):
-    args, leaves = case()
-    kept_fused = saved_tensor_bytes(lambda: fused(*args), exclude=leaves)
-    kept_native = saved_tensor_bytes(lambda: native(*args), exclude=leaves)
+@pytest.mark.parametrize("name", list(op_memory_cases()))
+def test_ops_keep_no_more_for_backward_than_native(name):
+    fused, native, leaves = op_memory_cases()[name]
+    kept_fused = saved_tensor_bytes(fused, exclude=leaves)
+    kept_native = saved_tensor_bytes(native, exclude=leaves)
     assert 0 < kept_fused <= kept_native, (kept_fused, kept_native)
+
+
+def test_op_memory_table():
+    table = op_memory_table().splitlines()
+    assert table[0].startswith("| op") and len(table) == 2 + len(op_memory_cases())
+    assert all(row.endswith(" |") and "MiB" in row for row in table[2:])
 
 
 def test_train_step_variants_start_from_the_same_weights_and_batch():
