@@ -5,7 +5,7 @@
 # Exit status: non-zero if the build or the tests failed; every stage still reports. Stage time limits keep the
 # whole run under 8 minutes (build 210 s, tests 120 s per file, about 130 s in all, benchmarks 150 s); the
 # torch.compile baselines, whose compilation alone would take minutes, are left to a longer run.
-#   bash benchmarks/gpu_check.sh
+#   bash benchmarks/gpu_check.sh            (SANITIZE=1 adds compute-sanitizer memcheck and racecheck)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu_check_out}
@@ -67,6 +67,20 @@ except RuntimeError as e:
   done
   grep -E '^(FAILED|ERROR) ' "$out/tests.log" | head -n 40
   echo "tests done ($(( $(date +%s) - start )) s)"
+
+  if [ "${SANITIZE:-0}" = 1 ]; then
+    # Opt-in (SANITIZE=1): memcheck and racecheck over every kernel at small shapes, 90 s each at most.
+    sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    for tool in memcheck racecheck; do
+      echo "== compute-sanitizer $tool (log: $out/sanitize_$tool.log)"
+      timeout -k 10 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$py" benchmarks/sanitize_ops.py \
+          > "$out/sanitize_$tool.log" 2>&1
+      rc=$?
+      [ "$rc" = 0 ] || status=1
+      tail -n 3 "$out/sanitize_$tool.log"
+      echo "$tool exit $rc$([ "$rc" = 124 ] && echo ', timed out')"
+    done
+  fi
 
   echo "== benchmarks (log: $out/bench.log, json: $out/bench.json)"
   start=$(date +%s)
