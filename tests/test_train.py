@@ -164,9 +164,11 @@ def test_cli_train_evaluate_predict_bench(tmp_path, capsys):
     assert cli(["predict", str(image), "A wooden thing, on the table!", "--checkpoint", ckpt, "--topk", "2"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2 and all("%" in line for line in lines)
-    assert cli(["bench", "--steps", "2", "--warmup", "1", "--batch-size", "8"]) == 0
+    assert cli(["bench", "--steps", "2", "--warmup", "1", "--batch-size", "8", "--memory",
+                "--variants", "native,mmfast,native_channels_last"]) == 0
     table = capsys.readouterr().out
-    assert "native" in table and "mmfast" in table and "cpu" in table
+    assert "native_channels_last" in table and "mmfast" in table and "cpu" in table
+    assert "memory each op keeps for backward" in table and "| lstm T32 E128 H64 |" in table
 
 
 def test_cli_errors_are_one_clear_line(tmp_path, capsys):
@@ -174,3 +176,6 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert "none.pt" in capsys.readouterr().err
     assert cli(["train", "--data", "imagenet", "--out", str(tmp_path / "x")]) == 2
     assert "unknown dataset spec" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["bench", "--variants", "native,fast"])
+    assert exit_info.value.code == 2 and "expected comma-separated variants" in capsys.readouterr().err
