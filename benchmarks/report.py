@@ -137,8 +137,9 @@ def _distinct(values) -> str:
 def header(data: dict, table: list[Row]) -> str:
     parts = [f"mmfast benchmarks: {_distinct(r.device_name for r in table)}",
              f"torch {_distinct(r.torch for r in table)}", _date(data)]
-    if any(r.device == "cpu" for r in table) and _cpu_brand(data):
-        parts.append(f"CPU {_cpu_brand(data)}")
+    brand = _cpu_brand(data)
+    if any(r.device == "cpu" for r in table) and brand and brand not in parts[0]:  # not already the device name
+        parts.append(f"CPU {brand}")
     return "### " + ", ".join(parts)
 
 
