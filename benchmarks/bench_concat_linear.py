@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import mmfast
 from mmfast.testing import DEVICES, make_concat_linear_inputs
-from variants import compiled, cuda_graphed
+from variants import compiled
 
 # (batch, widths, out_features): the seed's head (CNN features 7200 + text 64 -> 128) at the device's batch (64 on
 # the CPU, 256 on CUDA), and a larger one.
@@ -30,7 +30,9 @@ def fused(inputs, weight, bias):
     return mmfast.ops.concat_linear(inputs, weight, bias, P, training=True, relu=True)
 
 
-def _bench(measure, impl, device, shape, backward):
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
+def test_concat_linear(measure, impl, device, shape, backward):
     n, widths, o = shape
     torch.manual_seed(0)
     inputs, weight, bias = make_concat_linear_inputs(device, torch.float32, n, widths, o, requires_grad=backward)
@@ -42,17 +44,5 @@ def _bench(measure, impl, device, shape, backward):
             out.sum().backward()
 
     with torch.set_grad_enabled(backward):
-        if impl == "native_cuda_graph":
-            step = cuda_graphed(step)
         measure(step, op="concat_linear", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device,
-                shape=shape, warmup=5 if "compile" in impl else 3)
-
-
-@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
-def test_fwd(measure, impl, device, shape):
-    _bench(measure, impl, device, shape, backward=False)
-
-
-@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
-def test_fwd_bwd(measure, impl, device, shape):
-    _bench(measure, impl, device, shape, backward=True)
+                shape=shape)

@@ -13,7 +13,7 @@ import mmfast
 from mmfast import reference
 from mmfast.testing import DEVICES
 from mmfast.testing import make_conv2d_relu_maxpool2d_inputs as make
-from variants import compiled, cuda_graphed
+from variants import compiled
 
 OP = "conv2d_relu_maxpool2d"
 # name -> (channels, padding, image size); the batch is the device's.
@@ -55,21 +55,13 @@ def _setup(impl, device, stack, backward):
         if backward:
             out.sum().backward()
 
-    return cuda_graphed(step) if impl == "native_cuda_graph" else step
+    return step
 
 
-def _bench(measure, impl, device, stack, backward):
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl,device,stack", CASES)
+def test_conv_blocks(measure, impl, device, stack, backward):
     with torch.set_grad_enabled(backward):
         step = _setup(impl, device, stack, backward)
         measure(step, op=OP, kind="fwd+bwd" if backward else "fwd", impl=impl, device=device,
-                shape=f"B{BATCH[device]}_{stack}", rounds=20, warmup=5 if "compile" in impl else 3)
-
-
-@pytest.mark.parametrize("impl,device,stack", CASES)
-def test_fwd(measure, impl, device, stack):
-    _bench(measure, impl, device, stack, backward=False)
-
-
-@pytest.mark.parametrize("impl,device,stack", CASES)
-def test_fwd_bwd(measure, impl, device, stack):
-    _bench(measure, impl, device, stack, backward=True)
+                shape=f"B{BATCH[device]}_{stack}", rounds=20)

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import mmfast
 from mmfast.testing import DEVICES
-from variants import compiled, cuda_graphed
+from variants import compiled
 
 VOCAB = 1000
 # (batch, steps, embedding, hidden): the seed's text branch and a larger one, at the CPU batch (64) and the GPU
@@ -54,7 +54,9 @@ def fused(embedding, lstm, tokens, lengths):
     return y, h_n, c_n
 
 
-def _bench(measure, impl, device, shape, backward):
+@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
+def test_lstm(measure, impl, device, shape, backward):
     embedding, lstm, tokens, lengths = _setup(device, shape)
     fn = {"mmfast": fused, "native": native, "native_compile": compiled(native),
           "native_cudnn_unpacked": native_unpacked, "native_cuda_graph": native_unpacked}[impl]
@@ -67,17 +69,4 @@ def _bench(measure, impl, device, shape, backward):
             (y.sum() + h_n.sum()).backward()
 
     with torch.set_grad_enabled(backward):
-        if impl == "native_cuda_graph":
-            step = cuda_graphed(step)
-        measure(step, op="lstm", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device, shape=shape,
-                warmup=5 if "compile" in impl else 3)
-
-
-@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
-def test_fwd(measure, impl, device, shape):
-    _bench(measure, impl, device, shape, backward=False)
-
-
-@pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
-def test_fwd_bwd(measure, impl, device, shape):
-    _bench(measure, impl, device, shape, backward=True)
+        measure(step, op="lstm", kind="fwd+bwd" if backward else "fwd", impl=impl, device=device, shape=shape)

@@ -26,4 +26,4 @@ def test_train_step(measure, variant, device, model):
     case = make_case("builtin", device, BATCH[device], **MODELS[model])
     step, _ = make_train_step(case, variant)
     measure(step, op="train_step", kind="fwd+bwd+adamw", impl=variant, device=device,
-            shape=f"B{BATCH[device]}_{model}", rounds=20, warmup=5 if "compile" in variant else 3)
+            shape=f"B{BATCH[device]}_{model}", rounds=20)

@@ -11,6 +11,8 @@ import platform
 import pytest
 import torch
 
+from variants import cuda_graphed
+
 
 @functools.lru_cache(maxsize=None)
 def device_name(device: str) -> str:
@@ -27,7 +29,14 @@ def device_name(device: str) -> str:
 
 @pytest.fixture
 def measure(benchmark):
-    def run(step, *, op: str, kind: str, impl: str, device: str, shape, rounds: int = 30, warmup: int = 3):
+    """measure(step, ...): time ``step`` as ``impl``. The impl name carries how it runs: "native_cuda_graph" steps
+    are captured and replayed, "*compile*" steps get more warm-up rounds (compilation happens in the first)."""
+
+    def run(step, *, op: str, kind: str, impl: str, device: str, shape, rounds: int = 30):
+        if impl == "native_cuda_graph":
+            step = cuda_graphed(step)
+        warmup = 5 if "compile" in impl else 3
+
         def timed():
             step()
             if device == "cuda":
