@@ -6,7 +6,8 @@ from torch import Tensor
 
 import mmfast
 
-__all__ = ["DEVICES", "TOL", "make_conv2d_relu_maxpool2d_inputs", "make_lstm_inputs", "make_concat_linear_inputs"]
+__all__ = ["DEVICES", "TOL", "make_conv2d_relu_maxpool2d_inputs", "make_lstm_inputs", "make_concat_linear_inputs",
+           "argmax_windows"]
 
 DEVICES: List[str] = ["cpu"] + (["cuda"] if mmfast.with_cuda and torch.cuda.is_available() else [])
 
@@ -32,6 +33,25 @@ def make_conv2d_relu_maxpool2d_inputs(
     weight = _rand((o, c, k, k), device, dtype, requires_grad, scale)
     b = _rand((o,), device, dtype, requires_grad, scale) if bias else None
     return x, weight, b, padding
+
+
+# conv2d_relu_maxpool2d's pooling corner cases, one 2x2 window each (exact in every dtype).
+_ARGMAX_WINDOWS = [
+    [[1.0, 2.0], [3.0, 4.0]],  # max last -> 3
+    [[5.0, 0.0], [0.0, 0.0]],  # max first -> 0
+    [[2.0, 2.0], [2.0, 2.0]],  # four-way tie -> first, 0
+    [[0.0, 7.0], [7.0, 7.0]],  # tie after the first -> 1
+    [[-1.0, -2.0], [-3.0, -4.0]],  # relu 0 -> dropped
+    [[0.0, 0.0], [0.0, 0.0]],  # max + bias == 0 -> dropped (relu passes no gradient at 0)
+    [[-5.0, 1.0], [-1.0, -2.0]],  # positive max at 1
+]
+
+
+def argmax_windows(device="cpu", dtype=torch.float32) -> Tensor:
+    """x [1, 1, 2, 14] holding the windows above side by side: with a 1x1 weight of 1 and no padding the conv
+    output is x itself, so window j of the pooled output is window j above."""
+    windows = torch.tensor(_ARGMAX_WINDOWS, dtype=dtype)
+    return windows.permute(1, 0, 2).reshape(1, 1, 2, 2 * len(_ARGMAX_WINDOWS)).to(device)
 
 
 def make_lstm_inputs(

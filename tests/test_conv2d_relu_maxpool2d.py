@@ -6,7 +6,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import mmfast
 from mmfast import reference
-from mmfast.testing import TOL
+from mmfast.testing import TOL, argmax_windows
 
 # Tests of the CPU kernels (float64 and gradcheck included); the CUDA kernels have tests/test_*_cuda.py.
 DEVICES = ["cpu"]
@@ -71,17 +71,7 @@ def test_matches_reference_chunks_and_groups(device, dtype, n, hw):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_argmax_semantics(device):
-    # k=1, weight 1, no padding: the conv output is x itself; one 2x2 window per column pair.
-    windows = [
-        [[1.0, 2.0], [3.0, 4.0]],    # max last -> 3
-        [[5.0, 0.0], [0.0, 0.0]],    # max first -> 0
-        [[2.0, 2.0], [2.0, 2.0]],    # four-way tie -> first, 0
-        [[0.0, 7.0], [7.0, 7.0]],    # tie after the first -> 1
-        [[-1.0, -2.0], [-3.0, -4.0]],  # relu 0 -> dropped
-        [[0.0, 0.0], [0.0, 0.0]],    # max + bias == 0 -> dropped (relu passes no gradient at 0)
-        [[-5.0, 1.0], [-1.0, -2.0]],  # positive max at 1
-    ]
-    x = torch.tensor(windows, device=device).permute(1, 0, 2).reshape(1, 1, 2, 2 * len(windows))
+    x = argmax_windows(device)  # seven windows: ties, drops, a bias at the threshold
     weight = torch.ones(1, 1, 1, 1, device=device)
     out, argmax = fused(x, weight)
     assert argmax.dtype == torch.uint8

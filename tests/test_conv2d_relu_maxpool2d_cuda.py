@@ -13,7 +13,7 @@ from torch.testing import assert_close
 
 import mmfast
 from mmfast import reference
-from mmfast.testing import TOL
+from mmfast.testing import TOL, argmax_windows
 
 CUDA = ["cuda"] if mmfast.with_cuda and torch.cuda.is_available() else []
 if not CUDA:
@@ -194,17 +194,7 @@ def test_weight_gradient_chunks(dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_argmax_semantics(dtype):
-    # k=1, weight 1, no padding: the conv output is x itself; one 2x2 window per column pair. Exact in every dtype.
-    windows = [
-        [[1.0, 2.0], [3.0, 4.0]],  # max last -> 3
-        [[5.0, 0.0], [0.0, 0.0]],  # max first -> 0
-        [[2.0, 2.0], [2.0, 2.0]],  # four-way tie -> first, 0
-        [[0.0, 7.0], [7.0, 7.0]],  # tie after the first -> 1
-        [[-1.0, -2.0], [-3.0, -4.0]],  # relu 0 -> dropped
-        [[0.0, 0.0], [0.0, 0.0]],  # max + bias == 0 -> dropped (relu passes no gradient at 0)
-        [[-5.0, 1.0], [-1.0, -2.0]],  # positive max at 1
-    ]
-    x = torch.tensor(windows, dtype=dtype).permute(1, 0, 2).reshape(1, 1, 2, 2 * len(windows)).cuda()
+    x = argmax_windows("cuda", dtype)  # seven windows: ties, drops, a bias at the threshold; exact in every dtype
     weight = torch.ones(1, 1, 1, 1, dtype=dtype, device="cuda")
     out, argmax = FWD(x, weight, None, 0)
     assert argmax.flatten().tolist() == [3, 0, 0, 1, DROPPED, DROPPED, 1]
@@ -215,7 +205,7 @@ def test_argmax_semantics(dtype):
     # Gradient flows only to the argmax position of kept windows.
     grad_out = torch.arange(1, 8, dtype=dtype, device="cuda").reshape(out.shape)
     gx, gw, gb = BWD(grad_out, x, weight, argmax, 0, True)
-    expected = torch.zeros(2, 2 * len(windows), dtype=dtype)
+    expected = torch.zeros(2, x.shape[-1], dtype=dtype)
     expected[0, 2] = 2.0  # window 1, position 0
     expected[0, 7] = 4.0  # window 3, position 1
     assert torch.equal(gx.cpu().reshape(2, -1), expected)
