@@ -3,7 +3,7 @@
 # cases, the CUDA benchmarks (mmfast next to native PyTorch, same process, same card), then a table.
 # Logs and the benchmark JSON go to $OUT, or ./gpu_check_out when OUT is unset.
 # Exit status: non-zero if the build or the tests failed; every stage still reports. Stage time limits keep the
-# whole run under 8 minutes (build 210 s, tests 120 s per file, about 130 s in all, benchmarks 150 s); the
+# whole run under 8 minutes (build 210 s, tests 120 s per file, about 130 s in all, kernel profile 90 s, benchmarks 150 s); the
 # torch.compile baselines, whose compilation alone would take minutes, are left to a longer run.
 #   bash benchmarks/gpu_check.sh            (SANITIZE=1 adds compute-sanitizer memcheck and racecheck)
 set -uo pipefail
@@ -73,7 +73,7 @@ except RuntimeError as e:
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     for tool in memcheck racecheck; do
       echo "== compute-sanitizer $tool (log: $out/sanitize_$tool.log)"
-      timeout -k 10 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$py" benchmarks/sanitize_ops.py \
+      PYTHONPATH=$PWD timeout -k 10 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$py" benchmarks/sanitize_ops.py \
           > "$out/sanitize_$tool.log" 2>&1
       rc=$?
       [ "$rc" = 0 ] || status=1
@@ -81,6 +81,10 @@ except RuntimeError as e:
       echo "$tool exit $rc$([ "$rc" = 124 ] && echo ', timed out')"
     done
   fi
+
+  echo "== kernel profile (log: $out/profile.log)"
+  PYTHONPATH=$PWD timeout -k 10 90 "$py" benchmarks/profile_ops.py > "$out/profile.log" 2>&1
+  echo "profile exit $?"; grep '^### ' "$out/profile.log"
 
   echo "== benchmarks (log: $out/bench.log, json: $out/bench.json)"
   start=$(date +%s)
