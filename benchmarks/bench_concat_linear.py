@@ -1,6 +1,7 @@
 """concat + dropout + linear + ReLU: mmfast's fused op next to native compositions, same inputs.
 
-Baselines: native eager (cat, dropout, linear, relu), torch.compile of it, and on CUDA its CUDA-graph replay.
+Baselines: native eager (cat, dropout, linear, relu), torch.compile of it, and on CUDA its CUDA-graph replay, which
+mmfast_cuda_graph, the fused op's own replay, is set against.
 
 Run: pytest benchmarks/bench_concat_linear.py --benchmark-only [--benchmark-json=out.json]
 """
@@ -16,8 +17,8 @@ from variants import compiled
 # the CPU, 256 on CUDA), and a larger one.
 SHAPES = {"cpu": [(64, (7200, 64), 128), (256, (7200, 64), 128)],
           "cuda": [(256, (7200, 64), 128), (256, (8192, 256), 512)]}
-IMPLS = {"cpu": ["mmfast", "native", "native_compile"], "cuda": ["mmfast", "native", "native_compile",
-                                                                 "native_cuda_graph"]}
+IMPLS = {"cpu": ["mmfast", "native", "native_compile"],
+         "cuda": ["mmfast", "native", "native_compile", "native_cuda_graph", "mmfast_cuda_graph"]}
 CASES = [(impl, d, s) for d in DEVICES for s in SHAPES[d] for impl in IMPLS[d]]
 P = 0.5
 
@@ -36,7 +37,8 @@ def test_concat_linear(measure, impl, device, shape, backward):
     n, widths, o = shape
     torch.manual_seed(0)
     inputs, weight, bias = make_concat_linear_inputs(device, torch.float32, n, widths, o, requires_grad=backward)
-    fn = {"mmfast": fused, "native": native, "native_compile": compiled(native), "native_cuda_graph": native}[impl]
+    fn = {"mmfast": fused, "native": native, "native_compile": compiled(native), "native_cuda_graph": native,
+          "mmfast_cuda_graph": fused}[impl]
 
     def step():
         out = fn(inputs, weight, bias)

@@ -2,7 +2,7 @@
 
 Cases: the seed's one block (3->32, 3x3, valid, 32x32) and the larger three-block stack (32, 64, 128; 3x3,
 padding 1), at batch 64 on the CPU and 256 on CUDA. Baselines: native eager (NCHW), channels_last (CPU),
-torch.compile, and a CUDA-graph replay (CUDA).
+torch.compile, and a CUDA-graph replay (CUDA), which mmfast_cuda_graph, mmfast's own replay, is set against.
 
 Run: pytest benchmarks/bench_conv2d_relu_maxpool2d.py --benchmark-only [--benchmark-json=out.json]
 """
@@ -23,7 +23,7 @@ BATCH = {"cpu": 64, "cuda": 256}
 
 def _impls(device):
     impls = ["mmfast", "native", "native_compile"]
-    impls += ["native_channels_last"] if device == "cpu" else ["native_cuda_graph"]
+    impls += ["native_channels_last"] if device == "cpu" else ["native_cuda_graph", "mmfast_cuda_graph"]
     return impls
 
 
@@ -36,7 +36,7 @@ def _setup(impl, device, stack, backward):
     x = torch.randn(BATCH[device], channels[0], size, size, device=device)  # images: no gradient
     layers = [make(device, torch.float32, n=1, c=c, h=1, w=1, o=o, k=3, padding=padding, requires_grad=backward)[1:3]
               for c, o in zip(channels, channels[1:])]
-    block = mmfast.ops.conv2d_relu_maxpool2d if impl == "mmfast" else reference.conv2d_relu_maxpool2d
+    block = mmfast.ops.conv2d_relu_maxpool2d if impl.startswith("mmfast") else reference.conv2d_relu_maxpool2d
     if impl == "native_channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
         layers = [(w.detach().contiguous(memory_format=torch.channels_last).requires_grad_(backward), b)

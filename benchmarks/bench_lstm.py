@@ -3,7 +3,8 @@
 native = nn.Embedding + pack_padded_sequence + nn.LSTM + pad_packed_sequence (what a user writes for padded
 batches); native_compile = the same under torch.compile; on CUDA also native_cudnn_unpacked = nn.LSTM (cuDNN)
 over the padded batch, ignoring lengths (less work than the task asks, the fastest native call), and its
-CUDA-graph replay. mmfast = nn.Embedding + mmfast.ops.lstm with lengths. Same weights, same tokens.
+CUDA-graph replay. mmfast = nn.Embedding + mmfast.ops.lstm with lengths; on CUDA also mmfast_cuda_graph, its
+CUDA-graph replay (lengths on the device), set against native_cuda_graph. Same weights, same tokens.
 
 Run: pytest benchmarks/bench_lstm.py --benchmark-only [--benchmark-json=out.json]
 """
@@ -21,11 +22,13 @@ VOCAB = 1000
 # batch (256).
 SHAPES = {"cpu": [(64, 32, 128, 64), (64, 64, 128, 256)], "cuda": [(256, 32, 128, 64), (256, 64, 128, 256)]}
 IMPLS = {"cpu": ["mmfast", "native", "native_compile"],
-         "cuda": ["mmfast", "native", "native_compile", "native_cudnn_unpacked", "native_cuda_graph"]}
+         "cuda": ["mmfast", "native", "native_compile", "native_cudnn_unpacked", "native_cuda_graph",
+                  "mmfast_cuda_graph"]}
 CASES = [(impl, d, s) for d in DEVICES for s in SHAPES[d] for impl in IMPLS[d]]
 
 
-def _setup(device, shape):
+def text_branch(device, shape):
+    """(embedding, lstm, tokens [B, T] on ``device``, lengths [B] on the CPU): seeded, shared by every impl."""
     b, t, e, h = shape
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -57,10 +60,11 @@ def fused(embedding, lstm, tokens, lengths):
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("impl,device,shape", CASES, ids=str)
 def test_lstm(measure, impl, device, shape, backward):
-    embedding, lstm, tokens, lengths = _setup(device, shape)
+    embedding, lstm, tokens, lengths = text_branch(device, shape)
     fn = {"mmfast": fused, "native": native, "native_compile": compiled(native),
-          "native_cudnn_unpacked": native_unpacked, "native_cuda_graph": native_unpacked}[impl]
-    if impl == "mmfast" and device == "cuda":
+          "native_cudnn_unpacked": native_unpacked, "native_cuda_graph": native_unpacked,
+          "mmfast_cuda_graph": fused}[impl]
+    if impl.startswith("mmfast") and device == "cuda":
         lengths = lengths.to(device)  # device lengths: no host sync, capturable
 
     def step():

@@ -2,8 +2,10 @@
 
 Each case is one pytest-benchmark group, "<op> <kind> <device> <shape>", holding mmfast and its native baselines
 side by side (extra_info "impl": "mmfast", "native" = eager in the default layout, or "native_<variant>" = the
-strongest native options a user would try: channels_last, torch.compile, CUDA-graph replay). CUDA work is
-synchronised inside the timed step. `python3 benchmarks/report.py bench.json` turns the JSON into a table.
+strongest native options a user would try: channels_last, torch.compile, CUDA-graph replay). On CUDA,
+"mmfast_cuda_graph" is mmfast's step replayed from a CUDA graph, the GPU-side time without launch overhead, to set
+against "native_cuda_graph". CUDA work is synchronised inside the timed step.
+`python3 benchmarks/report.py bench.json` turns the JSON into a table.
 """
 import functools
 import platform
@@ -29,11 +31,11 @@ def device_name(device: str) -> str:
 
 @pytest.fixture
 def measure(benchmark):
-    """measure(step, ...): time ``step`` as ``impl``. The impl name carries how it runs: "native_cuda_graph" steps
-    are captured and replayed, "*compile*" steps get more warm-up rounds (compilation happens in the first)."""
+    """measure(step, ...): time ``step`` as ``impl``. The impl name carries how it runs: "*_cuda_graph" steps are
+    captured and replayed, "*compile*" steps get more warm-up rounds (compilation happens in the first)."""
 
     def run(step, *, op: str, kind: str, impl: str, device: str, shape, rounds: int = 30):
-        if impl == "native_cuda_graph":
+        if impl.endswith("_cuda_graph"):
             step = cuda_graphed(step)
         warmup = 5 if "compile" in impl else 3
 

@@ -5,7 +5,8 @@
 # Exit status: non-zero if the build or the tests failed; every stage still reports. Stage time limits keep the
 # whole run under 8 minutes (build 210 s, tests 120 s per file, about 130 s in all, kernel profile 90 s, benchmarks 150 s); the
 # torch.compile baselines, whose compilation alone would take minutes, are left to a longer run.
-#   bash benchmarks/gpu_check.sh            (SANITIZE=1 adds compute-sanitizer memcheck and racecheck)
+#   bash benchmarks/gpu_check.sh            (SANITIZE=1 adds compute-sanitizer memcheck and racecheck;
+#                                            TESTS="tests/a.py tests/b.py" runs those test files only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu_check_out}
@@ -58,7 +59,7 @@ except RuntimeError as e:
   # One pytest process per file, so a crash in one file cannot hide the results of the others; no -x: one GPU
   # run should show every failure. The CUDA files first, then the module-level comparisons.
   : > "$out/tests.log"
-  for f in $(ls tests/test_*_cuda.py) tests/test_nn.py tests/test_models.py; do
+  for f in ${TESTS:-$(ls tests/test_*_cuda.py) tests/test_nn.py tests/test_models.py}; do
     name=$(basename "$f" .py)
     timeout -k 10 120 "$py" -X faulthandler -m pytest -q -p no:cacheprovider --maxfail=100 "$f" >> "$out/tests.log" 2>&1
     rc=$?
@@ -84,7 +85,7 @@ except RuntimeError as e:
 
   echo "== kernel profile (log: $out/profile.log)"
   PYTHONPATH=$PWD timeout -k 10 90 "$py" benchmarks/profile_ops.py > "$out/profile.log" 2>&1
-  echo "profile exit $?"; grep '^### ' "$out/profile.log"
+  echo "profile exit $?"; grep -E '^(### |\| )' "$out/profile.log"  # case headers and the host-floor table
 
   echo "== benchmarks (log: $out/bench.log, json: $out/bench.json)"
   start=$(date +%s)

@@ -5,12 +5,16 @@ Usage: python3 benchmarks/report.py BENCH.json [CARD] [--card CARD] [--markdown 
 Conventions of the benchmark suites (benchmarks/conftest.py):
 - each benchmark's ``group`` is "<op> <kind> <device> <shape>", e.g. "lstm fwd+bwd cpu (64, 32, 128, 64)";
 - ``extra_info`` holds op, kind, impl, device, shape and, in newer runs, device_name and torch (torch.__version__);
-- impl is "mmfast" or a baseline: "native" (eager, default layout) or "native_<variant>" such as
-  "native_channels_last" or "native_compile". A group holds one mmfast benchmark and one or more baselines.
+- impl is "mmfast", "mmfast_cuda_graph" (mmfast replayed from a CUDA graph) or a baseline: "native" (eager, default
+  layout) or "native_<variant>" such as "native_channels_last", "native_compile" or "native_cuda_graph". A group
+  holds one mmfast benchmark, one or more baselines and, on CUDA, mmfast_cuda_graph.
 
-Every row compares a baseline with mmfast from the same group, i.e. the same process on the same device; the speedup
-is baseline median / mmfast median. Older JSON files lack device_name and torch: the device name then comes from the
-CARD argument (or, for CPU benchmarks, the CPU brand in machine_info) and torch is shown as "?".
+Every row compares a baseline with an mmfast impl from the same group, i.e. the same process on the same device; the
+speedup is baseline median / mmfast median. Each baseline is compared with "mmfast"; "mmfast_cuda_graph" gets one
+more row, against "native_cuda_graph" only (graph against graph: the GPU time without launch overhead), or against
+no baseline where the group has none (the native training step cannot be captured). The table's "mmfast" column
+names each row's mmfast impl. Older JSON files lack device_name and torch: the device name then comes from the CARD
+argument (or, for CPU benchmarks, the CPU brand in machine_info) and torch is shown as "?".
 Exit status: 0, also when BENCH.json does not exist (gpu_check.sh reports whatever stage ran); 2 for unreadable input.
 """
 from __future__ import annotations
@@ -24,6 +28,8 @@ from datetime import datetime
 from typing import NamedTuple, Optional
 
 MMFAST = "mmfast"
+# mmfast impls other than MMFAST -> the one baseline each is compared with, like for like.
+MMFAST_VARIANT_BASELINES = {"mmfast_cuda_graph": "native_cuda_graph"}
 DEVICES = ("cuda", "cpu")
 
 
@@ -36,7 +42,8 @@ class Row(NamedTuple):
     kind: str
     shape: str
     device: str
-    baseline: Optional[str]  # None: the group has no baseline benchmark
+    baseline: Optional[str]  # None: the group has no baseline benchmark (for this mmfast impl)
+    mmfast_impl: str  # MMFAST or a key of MMFAST_VARIANT_BASELINES
     baseline_s: Optional[float]  # medians in seconds; None where the benchmark is missing
     mmfast_s: Optional[float]
     device_name: str
@@ -50,7 +57,8 @@ class Row(NamedTuple):
 
     @property
     def label(self) -> str:
-        return f"{self.op} {self.kind} {self.shape} vs {self.baseline or '-'}"
+        variant = "" if self.mmfast_impl == MMFAST else f" {self.mmfast_impl}"
+        return f"{self.op} {self.kind} {self.shape}{variant} vs {self.baseline or '-'}"
 
 
 def load(path: str) -> dict:
@@ -92,10 +100,12 @@ def _natural(s: str) -> list:
 
 
 def rows(data: dict, card: Optional[str] = None) -> list[Row]:
-    """One Row per (group, baseline) pair, sorted by op, kind, device, shape, then baseline ("native" first).
+    """One Row per (group, baseline, mmfast impl) pair, sorted by op, kind, device, shape, then baseline ("native"
+    first, None last), then mmfast impl (MMFAST first).
 
     A group without a baseline gives one row with baseline None; a group without mmfast keeps its baseline rows,
-    with mmfast_s None."""
+    with mmfast_s None. Each impl of MMFAST_VARIANT_BASELINES in the group adds a row against its baseline, or
+    against None where the group lacks it."""
     groups: dict[str, dict] = {}
     for bench in data.get("benchmarks", []):
         info = bench.get("extra_info") or {}
@@ -114,12 +124,15 @@ def rows(data: dict, card: Optional[str] = None) -> list[Row]:
     for g in groups.values():
         device_name = g["device_name"] or card or (_cpu_brand(data) if g["device"] == "cpu" else None) or "?"
         times = g["times"]
-        baselines = [impl for impl in times if impl != MMFAST] or [None]
-        for baseline in baselines:
-            out.append(Row(g["op"], g["kind"], g["shape"], g["device"], baseline,
-                           times.get(baseline), times.get(MMFAST), device_name, g["torch"] or "?"))
+        baselines = [impl for impl in times if impl != MMFAST and impl not in MMFAST_VARIANT_BASELINES] or [None]
+        pairs = [(baseline, MMFAST) for baseline in baselines]
+        pairs += [(baseline if baseline in times else None, variant)
+                  for variant, baseline in MMFAST_VARIANT_BASELINES.items() if variant in times]
+        for baseline, mmfast_impl in pairs:
+            out.append(Row(g["op"], g["kind"], g["shape"], g["device"], baseline, mmfast_impl,
+                           times.get(baseline), times.get(mmfast_impl), device_name, g["torch"] or "?"))
     out.sort(key=lambda r: (r.op, r.kind, r.device, _natural(r.shape),
-                            (r.baseline != "native", r.baseline or "")))
+                            (r.baseline is None, r.baseline != "native", r.baseline or ""), r.mmfast_impl))
     return out
 
 
@@ -158,13 +171,13 @@ def to_markdown(data: dict, card: Optional[str] = None) -> str:
     table = rows(data, card)
     if not table:
         return header(data, table) + "\n\nno benchmarks in the file\n"
-    cells = [("op", "kind", "shape", "device", "baseline", "baseline median", "mmfast median", "speedup")]
+    cells = [("op", "kind", "shape", "device", "baseline", "mmfast", "baseline median", "mmfast median", "speedup")]
     for r in table:
-        cells.append((r.op, r.kind, r.shape, r.device, r.baseline or "-", *_times(r.baseline_s, r.mmfast_s),
-                      _speedup(r.speedup)))
+        cells.append((r.op, r.kind, r.shape, r.device, r.baseline or "-", r.mmfast_impl,
+                      *_times(r.baseline_s, r.mmfast_s), _speedup(r.speedup)))
     cells = [tuple(c.replace("|", "\\|") for c in row) for row in cells]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    numeric = [False] * 5 + [True] * 3  # right-aligned, so the digits line up in the terminal too
+    numeric = [False] * 6 + [True] * 3  # right-aligned, so the digits line up in the terminal too
 
     def line(row):
         return "| " + " | ".join(c.rjust(w) if n else c.ljust(w) for c, w, n in zip(row, widths, numeric)) + " |"
@@ -224,7 +237,7 @@ def to_png(data: dict, path: str, card: Optional[str] = None) -> None:
         y = top + i * row_h
         draw.text((left - pad - text_w(r.label), y + 3), r.label, fill="black", font=font)
         if r.speedup is None:
-            values.append((left + 4, y + 3, "n/a (missing benchmark)"))
+            values.append((left + 4, y + 3, "n/a (no baseline)" if r.baseline is None else "n/a (missing benchmark)"))
             continue
         # Green where mmfast is at least as fast as the baseline, red where it is slower.
         colour = (46, 139, 87) if r.speedup >= 1 else (200, 60, 50)

@@ -62,8 +62,13 @@ def make_case(data: str = "builtin", device="cpu", batch_size: int = 64, channel
     return StepCase(model_cfg, weights, images, batch.tokens, batch.lengths, batch.labels)
 
 
-def make_train_step(case: StepCase, variant: str) -> Tuple[Callable[[], Tensor], torch.nn.Module]:
-    """(step, model): ``step()`` runs forward, cross-entropy, backward and a fused AdamW step, returning the loss."""
+def make_train_step(case: StepCase, variant: str,
+                    capturable: bool = False) -> Tuple[Callable[[], Tensor], torch.nn.Module]:
+    """(step, model): ``step()`` runs forward, cross-entropy, backward and a fused AdamW step, returning the loss.
+
+    ``capturable``: an optimizer that a CUDA graph can capture (torch.optim's ``capturable``). With it the whole
+    "mmfast" step on CUDA is capturable: its ops take the lengths on the device, where make_case puts them, while
+    the native model's packing needs them on the host."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown training-step variant {variant!r}; expected one of {', '.join(VARIANTS)}")
     backend = "mmfast" if variant == "mmfast" else "native"
@@ -75,7 +80,7 @@ def make_train_step(case: StepCase, variant: str) -> Tuple[Callable[[], Tensor],
         images = images.contiguous(memory_format=torch.channels_last)
     forward = torch.compile(model, dynamic=False) if variant == "native_compile" else model
     fused = case.device.type in ("cpu", "cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=fused, capturable=capturable)
 
     def step() -> Tensor:
         loss = F.cross_entropy(forward(images, case.tokens, case.lengths), case.labels)

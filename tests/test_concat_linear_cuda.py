@@ -20,10 +20,13 @@ SEED = 20261126
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TALL = (65535 * 4 + 7, (3, 2), 4)  # more rows than the dropout kernel's grid covers in one pass
 # (batch, widths, out_features): the seed model's fusion head at batch 256 and 64, odd widths, a zero width,
-# eight inputs, widths around the dropout kernel's 1024-column tile, no outputs at all, and TALL.
+# eight inputs, widths around the dropout kernel's 1024-column tile, no outputs at all, the largest batch of the
+# fused float32 GEMM kernels and one more (cuBLAS), and TALL (cuBLAS).
 SHAPES = [
     (256, (7200, 64), 128),
     (64, (7200, 64), 128),
+    (8192, (37, 5), 9),
+    (8193, (37, 5), 9),
     (9, (1, 16, 2, 9), 5),
     (33, (4, 0, 3), 7),
     (5, (2,) * 8, 3),
@@ -189,6 +192,17 @@ def test_empty_batch(dtype):
     assert torch.equal(weight.grad, torch.zeros_like(weight))
     assert torch.equal(b.grad, torch.zeros_like(b))
     assert [x.grad.shape for x in inputs] == [(0, 3), (0, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_input_of_width_zero(dtype):
+    inputs, weight, b = make(DEV, dtype, n=3, widths=(0, 0), o=4, requires_grad=True)
+    _poison()
+    out = OP(inputs, weight, b, 0.5, True, torch.tensor(SEED, device=DEV))
+    assert torch.equal(out, b.detach().relu().expand(3, 4))
+    out.sum().backward()
+    assert torch.equal(b.grad, (b.detach() > 0).to(dtype) * 3)
+    assert weight.grad.shape == (4, 0) and [x.grad.shape for x in inputs] == [(3, 0), (3, 0)]
 
 
 def test_grad_bias_is_deterministic():

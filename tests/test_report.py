@@ -60,7 +60,7 @@ def test_group_without_baseline_gets_a_row():
     data["benchmarks"].append(_bench("lstm", "fwd", "cpu", "(8, 4)", "mmfast", 1e-3))
     (row,) = [r for r in report.rows(data) if r.kind == "fwd" and r.op == "lstm"]
     assert row.baseline is None and row.speedup is None
-    assert ["lstm", "fwd", "(8, 4)", "cpu", "-", "-", "1.000 ms", "-"] in _table_rows(report.to_markdown(data))
+    assert ["lstm", "fwd", "(8, 4)", "cpu", "-", "mmfast", "-", "1.000 ms", "-"] in _table_rows(report.to_markdown(data))
 
 
 def test_markdown(tmp_path, capsys):
@@ -75,10 +75,54 @@ def test_markdown(tmp_path, capsys):
     assert head.count("Intel Xeon Test") == 1  # the brand is not repeated when the device name holds it
     assert "| op " in text and "| speedup |" in text
     assert _table_rows(text) == [
-        ["concat_linear", "fwd", "(256, (72, 64), 128)", "cpu", "native", "250.0 us", "-", "-"],
-        ["lstm", "fwd+bwd", "(64, 32, 128, 64)", "cpu", "native", "4.000 ms", "1.000 ms", "4.00x"],
-        ["lstm", "fwd+bwd", "(64, 32, 128, 64)", "cpu", "native_compile", "3.000 ms", "1.000 ms", "3.00x"],
+        ["concat_linear", "fwd", "(256, (72, 64), 128)", "cpu", "native", "mmfast", "250.0 us", "-", "-"],
+        ["lstm", "fwd+bwd", "(64, 32, 128, 64)", "cpu", "native", "mmfast", "4.000 ms", "1.000 ms", "4.00x"],
+        ["lstm", "fwd+bwd", "(64, 32, 128, 64)", "cpu", "native_compile", "mmfast", "3.000 ms", "1.000 ms", "3.00x"],
     ]
+
+
+def _graphed_group(impls):
+    """A CUDA group of ``impls``, out of order, with medians from 40 us (mmfast_cuda_graph) to 200 us (native)."""
+    medians = {"native": 200e-6, "mmfast": 100e-6, "native_cuda_graph": 80e-6, "mmfast_cuda_graph": 40e-6}
+    data = _data()
+    data["benchmarks"] = [_bench("lstm", "fwd+bwd", "cuda", "(256, 32, 128, 64)", impl, medians[impl])
+                          for impl in impls]
+    return data
+
+
+def test_mmfast_cuda_graph_is_compared_with_native_cuda_graph_only():
+    data = _graphed_group(["mmfast_cuda_graph", "native_cuda_graph", "mmfast", "native"])
+    rows = report.rows(data)
+    # The rows against eager mmfast stay as they were; the graphed mmfast adds one row, graph against graph.
+    assert [(r.baseline, r.mmfast_impl, r.speedup) for r in rows] == [
+        ("native", "mmfast", pytest.approx(2.0)), ("native_cuda_graph", "mmfast", pytest.approx(0.8)),
+        ("native_cuda_graph", "mmfast_cuda_graph", pytest.approx(2.0))]
+    assert rows[2].label == "lstm fwd+bwd (256, 32, 128, 64) mmfast_cuda_graph vs native_cuda_graph"
+    assert rows[1].label == "lstm fwd+bwd (256, 32, 128, 64) vs native_cuda_graph"
+    assert _table_rows(report.to_markdown(data))[1:] == [
+        ["lstm", "fwd+bwd", "(256, 32, 128, 64)", "cuda", "native_cuda_graph", "mmfast", "80.0 us", "100.0 us",
+         "0.80x"],
+        ["lstm", "fwd+bwd", "(256, 32, 128, 64)", "cuda", "native_cuda_graph", "mmfast_cuda_graph", "80.0 us",
+         "40.0 us", "2.00x"],
+    ]
+
+
+def test_mmfast_cuda_graph_without_a_native_graph_has_no_baseline():
+    # The training step: the native model cannot be captured, so the graphed mmfast row has nothing to compare with.
+    rows = report.rows(_graphed_group(["mmfast_cuda_graph", "native", "mmfast"]))
+    assert [(r.baseline, r.mmfast_impl, r.mmfast_s, r.speedup) for r in rows] == [
+        ("native", "mmfast", 100e-6, pytest.approx(2.0)), (None, "mmfast_cuda_graph", 40e-6, None)]
+
+
+def test_png_lists_the_graphed_rows(tmp_path):
+    png = tmp_path / "out.png"
+    report.to_png(_graphed_group(["native", "mmfast"]), str(png))
+    with Image.open(png) as img:
+        one_row = img.size
+    report.to_png(_graphed_group(["mmfast_cuda_graph", "native_cuda_graph", "mmfast", "native"]), str(png))
+    with Image.open(png) as img:
+        width, height = img.size
+    assert width > one_row[0] and height > one_row[1]  # the graphed row's longer label; three rows instead of one
 
 
 def test_shapes_sort_numerically():

@@ -1,9 +1,18 @@
-// CUDA kernels of mmfast::concat_linear (contract in concat_linear.h). Every input is one K-segment of the
-// GEMM against a column block of weight, accumulated into the output by cuBLAS through ATen, so the
-// concatenation never exists. Dropout is one launch over all segments: it writes each segment's dropped copy
-// into that segment's own buffer (forward, and again in backward for grad_weight) or scales each segment's
-// gradient in place. The mask is regenerated from the seed, which the kernel reads from device memory: no host
-// sync and no value-dependent allocation, so forward and backward can be captured in a CUDA graph.
+// CUDA kernels of mmfast::concat_linear (contract in concat_linear.h). Two paths, chosen from the shapes:
+//
+// Fused (float32, batch <= 8192, batch x out_features <= 2^18: the sizes where launches and framework overhead
+// dominate): the inputs are K-segments of one GEMM and the concatenation never exists.
+//   forward:  one split-K GEMM kernel reads every segment and the weight directly, applying the dropout mask as it
+//             loads x, and writes float partial sums per K chunk; one epilogue kernel sums the chunks in a fixed
+//             order (deterministic) and adds the bias and the ReLU.
+//   backward: one kernel for grad_pre (ReLU mask) and grad_bias, then ONE kernel whose blocks compute either a
+//             tile of grad_weight (= grad_pre^T @ dropout(x), the mask applied as x is loaded) or a tile of a
+//             grad_input (= grad_pre @ weight, the mask applied in the epilogue).
+// cuBLAS (float16/bfloat16, which get tensor cores there, and larger float32 problems): every segment's GEMM
+// through ATen into the one output (addmm with the bias, then addmm_), after one dropout launch over all
+// segments that writes each segment's dropped copy; ReLU in place.
+// Either way the mask is regenerated from the seed, which the kernels read from device memory: no host sync and
+// no value-dependent allocation, so forward and backward can be captured in a CUDA graph.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -140,6 +149,235 @@ __global__ void __launch_bounds__(kBiasCols * kBiasRowLanes)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Fused path (float32). Every GEMM here is C[p][q] = sum_r A(r, p) * B(r, q) over one 64 x 64 output tile, with r
+// the contraction index, staged kStep rows at a time in shared memory as s[r][p]. Each of the 256 threads owns a
+// 4x4 block of C: rows p = ty*4.., columns q = tx*4.. (tx = thread % 16, ty = thread / 16).
+
+constexpr int kGemmTile = 64;
+constexpr int kGemmStep = 16;
+constexpr int kGemmPitch = kGemmTile + 4;  // float4-aligned rows; staggers the banks of the transposed stores
+constexpr int kGemmThreads = 256;
+constexpr int kMaxSplitK = 64;
+constexpr int64_t kFusedMaxRows = 8192;            // beyond: a grad_weight tile's loop over the batch gets long
+constexpr int64_t kFusedMaxOutputs = int64_t{1} << 18;  // beyond: enough tiles for cuBLAS without split-K
+constexpr int64_t kFusedMaxColumns = int64_t{1} << 24;  // keeps the backward grid and tile indices in range
+
+// A segment of the fused kernels. Its blocks along the segment axis (K chunks forward, K tiles backward) are
+// first.. first + count - 1; `grad` is its grad_input [rows, cols] (backward only).
+struct FusedSegment {
+  const float* x;
+  float* grad;
+  int64_t stride0, stride1, cols, col_offset;
+  int first;
+};
+
+struct FusedSegments {
+  FusedSegment seg[kMaxSegments];
+  int count;
+};
+
+// The segment that owns block `index` along the segment axis. Constant indices only, so the table stays in
+// parameter space.
+__device__ __forceinline__ FusedSegment segment_of(const FusedSegments& table, int index) {
+  FusedSegment s = table.seg[0];
+#pragma unroll
+  for (int i = 1; i < kMaxSegments; ++i) {
+    if (i < table.count && index >= table.seg[i].first) s = table.seg[i];
+  }
+  return s;
+}
+
+// Thread -> element (r, p) of a tile load, four elements per thread. kContigR: consecutive threads walk r, for an
+// operand stored contiguous along the contraction; else they walk p. Either way global loads coalesce.
+template <bool kContigR>
+__device__ __forceinline__ void tile_element(int i, int& r, int& p) {
+  const int e = threadIdx.x + i * kGemmThreads;
+  if (kContigR) {
+    p = e / kGemmStep;
+    r = e % kGemmStep;
+  } else {
+    r = e / kGemmTile;
+    p = e % kGemmTile;
+  }
+}
+
+// acc += A^T B over r < len. load_a(r, p) / load_b(r, q) return the operand element, or 0 outside the operand's
+// tile columns; tile_gemm never asks for r >= len. The next step's global loads are in flight during this step's
+// arithmetic (register prefetch).
+template <bool kAContigR, bool kBContigR, typename LoadA, typename LoadB>
+__device__ __forceinline__ void tile_gemm(int64_t len, const LoadA& load_a, const LoadB& load_b, float* sa,
+                                          float* sb, float (&acc)[4][4]) {
+  float va[4], vb[4];
+  auto fetch = [&](int64_t r0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int r, p;
+      tile_element<kAContigR>(i, r, p);
+      va[i] = r0 + r < len ? load_a(r0 + r, p) : 0.f;
+      tile_element<kBContigR>(i, r, p);
+      vb[i] = r0 + r < len ? load_b(r0 + r, p) : 0.f;
+    }
+  };
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  fetch(0);
+  for (int64_t r0 = 0; r0 < len; r0 += kGemmStep) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      int r, p;
+      tile_element<kAContigR>(i, r, p);
+      sa[r * kGemmPitch + p] = va[i];
+      tile_element<kBContigR>(i, r, p);
+      sb[r * kGemmPitch + p] = vb[i];
+    }
+    __syncthreads();
+    if (r0 + kGemmStep < len) fetch(r0 + kGemmStep);
+#pragma unroll
+    for (int r = 0; r < kGemmStep; ++r) {
+      const float4 a = *reinterpret_cast<const float4*>(sa + r * kGemmPitch + ty * 4);
+      const float4 b = *reinterpret_cast<const float4*>(sb + r * kGemmPitch + tx * 4);
+      const float av[4] = {a.x, a.y, a.z, a.w}, bv[4] = {b.x, b.y, b.z, b.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] += av[i] * bv[j];
+    }
+    __syncthreads();  // the tiles are consumed before the next step overwrites them
+  }
+}
+
+// dst[p][q] = acc for this thread's 4x4 block of the tile at (p0, q0), inside [0, p_end) x [0, q_end); row pitch ld.
+__device__ __forceinline__ void store_tile(const float (&acc)[4][4], int64_t p0, int64_t q0, int64_t p_end,
+                                           int64_t q_end, int64_t ld, float* dst) {
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t p = p0 + ty * 4 + i;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t q = q0 + tx * 4 + j;
+      if (p < p_end && q < q_end) dst[p * ld + q] = acc[i][j];
+    }
+  }
+}
+
+// Forward, split K. Block (m tile, n tile, chunk z): partial[z][m][n] = sum over the chunk's columns k of
+// dropout(x)[m][k] * weight[n][k]. Chunk z is columns [(z - first) * chunk_len, + chunk_len) of its segment.
+template <bool kDropout>
+__global__ void __launch_bounds__(kGemmThreads)
+    concat_linear_fwd_gemm_kernel(const FusedSegments table, const float* __restrict__ weight, int64_t ldw,
+                                  int64_t rows, int64_t out_features, int64_t chunk_len, const int64_t* seed, double p,
+                                  float scale, float* __restrict__ partial) {
+  __shared__ __align__(16) float sa[kGemmStep * kGemmPitch];
+  __shared__ __align__(16) float sb[kGemmStep * kGemmPitch];
+  __shared__ uint32_t row_hash[kGemmTile];
+  const int z = blockIdx.z;
+  const FusedSegment s = segment_of(table, z);
+  const int64_t k0 = (z - s.first) * chunk_len, len = std::min<int64_t>(chunk_len, s.cols - k0);
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kGemmTile, n0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
+  const DropoutMask mask(kDropout ? *seed : 0, p);
+  if (kDropout) {
+    if (threadIdx.x < kGemmTile) row_hash[threadIdx.x] = mask.row_hash(m0 + threadIdx.x);
+    __syncthreads();
+  }
+  const float* x = s.x + k0 * s.stride1;
+  const auto load_x = [&](int64_t r, int q) -> float {  // A(r, q) = dropout(x)[m0 + q][k0 + r]
+    if (m0 + q >= rows) return 0.f;
+    const float v = x[(m0 + q) * s.stride0 + r * s.stride1];
+    if (!kDropout) return v;
+    return mask.keep(row_hash[q], mask.col_hash(s.col_offset + k0 + r)) ? v * scale : 0.f;
+  };
+  const float* w = weight + s.col_offset + k0;
+  const auto load_w = [&](int64_t r, int q) -> float {  // B(r, q) = weight[n0 + q][col_offset + k0 + r]
+    return n0 + q < out_features ? w[(n0 + q) * ldw + r] : 0.f;
+  };
+  float acc[4][4] = {};
+  tile_gemm<true, true>(len, load_x, load_w, sa, sb, acc);
+
+  store_tile(acc, m0, n0, rows, out_features, out_features, partial + static_cast<int64_t>(z) * rows * out_features);
+}
+
+// out = act(bias + sum of the chunks' partials, summed in chunk order: deterministic). out: contiguous [rows, O].
+__global__ void __launch_bounds__(kGemmThreads)
+    concat_linear_fwd_epilogue_kernel(const float* __restrict__ partial, int chunks, int64_t size, int64_t out_features,
+                                      const float* __restrict__ bias, bool relu, float* __restrict__ out) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < size;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float v = 0.f;
+    for (int z = 0; z < chunks; ++z) v += partial[z * size + i];
+    if (bias != nullptr) v += bias[i % out_features];
+    out[i] = relu && v < 0.f ? 0.f : v;  // NaN passes through, as torch.relu
+  }
+}
+
+// Backward. Blocks [0, n_tiles * k_tiles): a tile of grad_weight, grad_weight[n][col_offset + k] = sum over rows m
+// of grad_pre[m][n] * dropout(x)[m][k]; the rest: a tile of a grad_input, grad_x[m][k] = mask(m, k) * scale *
+// sum over n of grad_pre[m][n] * weight[n][col_offset + k]. K tile t of the concatenation belongs to the segment
+// whose first <= t; grad_pre: contiguous [rows, out_features]; grad_weight: contiguous [out_features, total_k].
+template <bool kDropout>
+__global__ void __launch_bounds__(kGemmThreads)
+    concat_linear_bwd_gemm_kernel(const FusedSegments table, int k_tiles, int n_tiles,
+                                  const float* __restrict__ grad_pre, const float* __restrict__ weight, int64_t ldw,
+                                  int64_t rows, int64_t out_features, const int64_t* seed, double p, float scale,
+                                  float* __restrict__ grad_weight) {
+  __shared__ __align__(16) float sa[kGemmStep * kGemmPitch];
+  __shared__ __align__(16) float sb[kGemmStep * kGemmPitch];
+  __shared__ uint32_t col_hash[kGemmTile];
+  const int64_t weight_blocks = static_cast<int64_t>(n_tiles) * k_tiles;
+  const bool weight_role = blockIdx.x < weight_blocks;
+  const int64_t b = weight_role ? blockIdx.x : blockIdx.x - weight_blocks;
+  const int kt = static_cast<int>(b % k_tiles);
+  const int64_t t0 = (b / k_tiles) * kGemmTile;  // first n (grad_weight) or m (grad_input) of the tile
+  const FusedSegment s = segment_of(table, kt);
+  const int64_t k0 = static_cast<int64_t>(kt - s.first) * kGemmTile;
+  const DropoutMask mask(kDropout ? *seed : 0, p);
+  if (kDropout) {
+    if (threadIdx.x < kGemmTile) col_hash[threadIdx.x] = mask.col_hash(s.col_offset + k0 + threadIdx.x);
+    __syncthreads();
+  }
+  const float* w = weight + s.col_offset + k0;
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  float acc[4][4] = {};
+
+  if (weight_role) {
+    const auto load_g = [&](int64_t m, int q) -> float {  // A(m, q) = grad_pre[m][t0 + q]
+      return t0 + q < out_features ? grad_pre[m * out_features + t0 + q] : 0.f;
+    };
+    const float* x = s.x + k0 * s.stride1;
+    const auto load_x = [&](int64_t m, int q) -> float {  // B(m, q) = dropout(x)[m][k0 + q]
+      if (k0 + q >= s.cols) return 0.f;
+      const float v = x[m * s.stride0 + q * s.stride1];
+      if (!kDropout) return v;
+      return mask.keep(mask.row_hash(m), col_hash[q]) ? v * scale : 0.f;
+    };
+    tile_gemm<false, false>(rows, load_g, load_x, sa, sb, acc);
+    store_tile(acc, t0, k0, out_features, s.cols, ldw, grad_weight + s.col_offset);  // ldw = total_k
+    return;
+  }
+
+  const auto load_g = [&](int64_t n, int q) -> float {  // A(n, q) = grad_pre[t0 + q][n]
+    return t0 + q < rows ? grad_pre[(t0 + q) * out_features + n] : 0.f;
+  };
+  const auto load_w = [&](int64_t n, int q) -> float {  // B(n, q) = weight[n][col_offset + k0 + q]
+    return k0 + q < s.cols ? w[n * ldw + q] : 0.f;
+  };
+  tile_gemm<true, false>(out_features, load_g, load_w, sa, sb, acc);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int64_t m = t0 + ty * 4 + i;
+    if (m >= rows) continue;
+    const uint32_t row_h = kDropout ? mask.row_hash(m) : 0u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t k = k0 + tx * 4 + j;
+      if (k >= s.cols) continue;
+      float v = acc[i][j];
+      if (kDropout) v = mask.keep(row_h, col_hash[tx * 4 + j]) ? v * scale : 0.f;
+      s.grad[m * s.cols + k] = v;
+    }
+  }
+}
+
 bool dropout_active(double p, const std::optional<at::Tensor>& seed) { return seed.has_value() && p > 0.0; }
 
 // dsts[i] = dropout(srcs[i]) with the mask of columns [offset_i, offset_i + K_i) of the concatenation, where
@@ -182,6 +420,101 @@ std::vector<at::Tensor> dropped_copies(at::TensorList inputs, const at::Tensor& 
   return dropped;
 }
 
+// The fused kernels' problem sizes (see the file comment).
+bool use_fused_gemm(const at::Tensor& weight, int64_t rows) {
+  const int64_t out_features = weight.size(0);
+  return weight.scalar_type() == at::kFloat && rows > 0 && rows <= kFusedMaxRows && out_features > 0 &&
+         rows * out_features <= kFusedMaxOutputs && weight.size(1) <= kFusedMaxColumns;
+}
+
+// The segment table of the fused kernels: every input of nonzero width, its blocks along the segment axis being
+// ceil(width / block_cols) consecutive ones. Returns the total block count along that axis.
+int fused_segments(at::TensorList inputs, at::TensorList grads, int64_t block_cols, FusedSegments& table) {
+  table = FusedSegments{};
+  int64_t col_offset = 0, blocks = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t cols = inputs[i].size(1);
+    if (cols > 0) {
+      table.seg[table.count++] = FusedSegment{inputs[i].const_data_ptr<float>(),
+                                              grads.empty() ? nullptr : grads[i].mutable_data_ptr<float>(),
+                                              inputs[i].stride(0),
+                                              inputs[i].stride(1),
+                                              cols,
+                                              col_offset,
+                                              static_cast<int>(blocks)};
+      blocks += ceil_div(cols, block_cols);
+    }
+    col_offset += cols;
+  }
+  return static_cast<int>(blocks);
+}
+
+at::Tensor fused_forward(at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                         double dropout_p, bool relu, const std::optional<at::Tensor>& seed) {
+  const int64_t rows = inputs[0].size(0), out_features = weight.size(0), total_k = weight.size(1);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
+  at::Tensor out = at::empty({rows, out_features}, weight.options());
+  // Split K so that about two blocks per SM run: enough parallelism for small batches, few partials to sum.
+  const int64_t tiles = ceil_div(rows, kGemmTile) * ceil_div(out_features, kGemmTile);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t splits = std::clamp<int64_t>(ceil_div(2 * int64_t{sms}, tiles), 1, kMaxSplitK);
+  const int64_t chunk_len = std::max<int64_t>(1, ceil_div(ceil_div(std::max<int64_t>(total_k, 1), splits), kGemmStep)) *
+                            kGemmStep;
+  FusedSegments table;
+  const int chunks = fused_segments(inputs, {}, chunk_len, table);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // chunks == 0 (every input has width 0): the epilogue alone writes act(bias).
+  at::Tensor partial = at::empty({chunks, rows, out_features}, weight.options());
+  if (chunks > 0) {
+    const dim3 grid(static_cast<unsigned>(ceil_div(rows, kGemmTile)), static_cast<unsigned>(ceil_div(out_features, kGemmTile)),
+                    static_cast<unsigned>(chunks));
+    const bool dropout = dropout_active(dropout_p, seed);
+    const auto kernel = dropout ? concat_linear_fwd_gemm_kernel<true> : concat_linear_fwd_gemm_kernel<false>;
+    kernel<<<grid, kGemmThreads, 0, stream>>>(table, w.const_data_ptr<float>(), total_k, rows, out_features, chunk_len,
+                                              dropout ? seed->const_data_ptr<int64_t>() : nullptr, dropout_p,
+                                              static_cast<float>(dropout_scale(dropout_p)),
+                                              partial.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const int64_t size = rows * out_features;
+  concat_linear_fwd_epilogue_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(size, kGemmThreads), 4096)),
+                                      kGemmThreads, 0, stream>>>(
+      partial.const_data_ptr<float>(), chunks, size, out_features, b.defined() ? b.const_data_ptr<float>() : nullptr,
+      relu, out.mutable_data_ptr<float>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+// grad_pre and grad_bias come from concat_linear_grad_pre_kernel; this writes grad_weight and every grad_input.
+std::tuple<std::vector<at::Tensor>, at::Tensor> fused_backward(const at::Tensor& grad_pre, at::TensorList inputs,
+                                                               const at::Tensor& weight, double dropout_p,
+                                                               const std::optional<at::Tensor>& seed) {
+  const int64_t rows = inputs[0].size(0), out_features = weight.size(0), total_k = weight.size(1);
+  const at::Tensor w = weight.contiguous();
+  at::Tensor grad_weight = at::empty({out_features, total_k}, weight.options());
+  std::vector<at::Tensor> grad_inputs;
+  grad_inputs.reserve(inputs.size());
+  for (const at::Tensor& x : inputs) grad_inputs.push_back(at::empty({rows, x.size(1)}, weight.options()));
+  FusedSegments table;
+  const int k_tiles = fused_segments(inputs, grad_inputs, kGemmTile, table);
+  if (k_tiles > 0) {
+    const int64_t n_tiles = ceil_div(out_features, kGemmTile), m_tiles = ceil_div(rows, kGemmTile);
+    const bool dropout = dropout_active(dropout_p, seed);
+    const auto kernel = dropout ? concat_linear_bwd_gemm_kernel<true> : concat_linear_bwd_gemm_kernel<false>;
+    kernel<<<static_cast<unsigned>((n_tiles + m_tiles) * k_tiles), kGemmThreads, 0,
+             c10::cuda::getCurrentCUDAStream()>>>(table, k_tiles, static_cast<int>(n_tiles),
+                                                  grad_pre.const_data_ptr<float>(), w.const_data_ptr<float>(), total_k,
+                                                  rows, out_features,
+                                                  dropout ? seed->const_data_ptr<int64_t>() : nullptr, dropout_p,
+                                                  static_cast<float>(dropout_scale(dropout_p)),
+                                                  grad_weight.mutable_data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {grad_inputs, grad_weight};
+}
+
 }  // namespace
 
 at::Tensor concat_linear_cuda(at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -190,6 +523,7 @@ at::Tensor concat_linear_cuda(at::TensorList inputs, const at::Tensor& weight, c
   const c10::cuda::CUDAGuard guard(inputs[0].device());
   const int64_t rows = inputs[0].size(0), out_features = weight.size(0);
   if (rows == 0 || out_features == 0) return at::empty({rows, out_features}, weight.options());
+  if (use_fused_gemm(weight, rows)) return fused_forward(inputs, weight, bias, dropout_p, relu, seed);
   const std::vector<at::Tensor> segments =
       dropout_active(dropout_p, seed) ? dropped_copies(inputs, *seed, dropout_p) : inputs.vec();
   at::Tensor out;
@@ -253,6 +587,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> concat_linear_backwa
   if (rows == 0) {
     for (const at::Tensor& x : inputs) grad_inputs.push_back(at::empty({0, x.size(1)}, options));
     return {grad_inputs, at::zeros({out_features, total_k}, options), grad_bias};
+  }
+  if (use_fused_gemm(weight, rows)) {
+    auto [fused_grad_inputs, grad_weight] = fused_backward(grad_pre, inputs, weight, dropout_p, seed);
+    return {fused_grad_inputs, grad_weight, grad_bias};
   }
   const bool dropout = dropout_active(dropout_p, seed);
   const std::vector<at::Tensor> segments = dropout ? dropped_copies(inputs, *seed, dropout_p) : inputs.vec();
