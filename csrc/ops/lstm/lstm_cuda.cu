@@ -5,7 +5,9 @@
 // [bu*U, bu*U + U) (the i, f, g, o rows of w_hh for those units stay in shared memory as float) and batch rows
 // [bb*R, bb*R + R), so the cell update of its (unit, row) pairs is local. Each step it stages h_{t-1} for its rows
 // from a float exchange buffer hx[2][H][B] (double-buffered: step t reads slot t&1, writes slot (t+1)&1), computes
-// its slice of h_{t-1} @ w_hh^T, updates c, h and writes y/gates/cells; one grid sync per step. Backward runs the
+// its slice of h_{t-1} @ w_hh^T, updates c, h and writes y/gates/cells; one grid sync per step, or only a block
+// barrier where one block holds all of w_hh (grid_u == 1: rows are independent, so no block waits for another;
+// the layout's cost counts a grid sync as some microseconds and prefers this where it fits). Backward runs the
 // same way from the last step down to 0 with dgates_t @ w_hh (w_hh column slices on chip, dgates exchanged through
 // a float buffer [2][4H][B]), then the weight gradients are ATen GEMMs over the [B*T, 4H] dgates.
 // Lengths stay on the device; every block computes max(lengths) itself and the loop stops there; rows past their
@@ -47,6 +49,9 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;     // threads per block of every kernel here
 constexpr int kRedFloats = 4096;  // partial sums per block: kThreads threads x a 4x4 register tile
+// A grid-wide sync between steps, in the layout cost's units (SM cycles). An estimate of a few microseconds: on an
+// H200 the forward step of the seed's LSTM (B256 H64) took 3.8 us with a grid sync, and cuDNN's step 1.4 us.
+constexpr double kGridSyncCycles = 4000.0;
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
 
@@ -155,6 +160,17 @@ __device__ void block_gemm(const Tile& tl, const Smem& sm, const float* src, int
   __syncthreads();
 }
 
+// The barrier between two steps. A block exchanges h (forward) or dgates (backward) with the blocks of the other
+// units of its rows; with grid_u == 1 it owns every unit of its rows, rows never mix, and a block barrier does
+// (a __syncthreads also makes the block's global writes visible to the block): no grid-wide sync at all.
+__device__ __forceinline__ void step_barrier(int grid_u) {
+  if (grid_u > 1) {
+    cg::this_grid().sync();
+  } else {
+    __syncthreads();
+  }
+}
+
 // Per-block lengths of its rows, and max(lengths) over the whole batch (the same value in every block).
 __device__ int load_lengths(const int64_t* lengths, int* lens, int R, int b0, int B, int T) {
   __shared__ int max_len;
@@ -211,8 +227,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_fwd_persistent_kernel(const 
     sm.st0[q] = h;
     sm.st1[q] = c;
   }
-  cg::grid_group grid = cg::this_grid();
-  grid.sync();
+  step_barrier(p.grid_u);
 
   for (int t = 0; t < steps; ++t) {
     for (int q = threadIdx.x; q < pairs; q += kThreads) {  // the x projections of this step, into L2 meanwhile
@@ -262,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_fwd_persistent_kernel(const 
         hx_next[static_cast<size_t>(u) * B + b] = sm.st0[q];
       }
     }
-    if (t + 1 < steps) grid.sync();  // steps is the same in every block
+    if (t + 1 < steps) step_barrier(p.grid_u);  // steps is the same in every block
   }
 
   const int64_t rest = static_cast<int64_t>(T - steps) * pairs;  // steps past the longest sequence
@@ -315,7 +330,6 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_bwd_persistent_kernel(const 
     sm.st1[q] = in && p.grad_c_n ? static_cast<float>(p.grad_c_n[static_cast<size_t>(b) * H + u]) : 0.f;
   }
   __syncthreads();
-  cg::grid_group grid = cg::this_grid();
 
   for (int t = steps - 1; t >= -1; --t) {
     const bool have_next = t + 1 < steps;  // dgates of step t + 1 are in dx[(t + 1) & 1]
@@ -366,7 +380,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_bwd_persistent_kernel(const 
         }
       }
     }
-    if (t >= 0) grid.sync();  // steps is the same in every block
+    if (t >= 0) step_barrier(p.grid_u);  // steps is the same in every block
   }
 
   for (int q = threadIdx.x; q < pairs; q += kThreads) {
@@ -554,7 +568,7 @@ Layout choose_layout(const void* kernel, bool fwd, int64_t B, int64_t H, int dev
             static_cast<double>(per_sm) *
                 (4.0 * std::max(4, wf) * ((K + ks - 1) / ks) + 16.0 * ((K * R + kThreads - 1) / kThreads) +
                  ((U * R + kThreads - 1) / kThreads) * (4.0 * ks + 40.0) + 100.0 * ((K + chunk - 1) / chunk)) +
-            static_cast<double>(grid);
+            static_cast<double>(grid) + (grid_u > 1 ? kGridSyncCycles : 0.0);
         if (!best.ok || cost < best_cost) {
           best_cost = cost;
           best.ok = true;
