@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/blas.h"
 #include "ops/conv2d_relu_maxpool2d/conv2d_relu_maxpool2d.h"
 
 namespace mmfast {
@@ -55,26 +56,6 @@ Geometry make_geometry(const at::Tensor& x, const at::Tensor& weight, int64_t pa
 template <typename scalar_t>
 std::unique_ptr<scalar_t[]> scratch(int64_t size) {
   return std::unique_ptr<scalar_t[]>(new scalar_t[size]);
-}
-
-// Row-major c[m, n] (+)= op(a)[m, k] @ op(b)[k, n] with ta/tb: a/b stored transposed; lda/ldb are the stored
-// rows' strides, c is contiguous. at::mm_out/addmm_ on tensors wrapping the buffers (MKL; single-threaded
-// inside at::parallel_for). ATen's raw-pointer cpublas::gemm overloads are not exported.
-template <typename scalar_t>
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const scalar_t* a, int64_t lda, const scalar_t* b,
-          int64_t ldb, scalar_t* c, bool accumulate = false) {
-  const auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<scalar_t>::value);
-  const auto wrap = [&](const scalar_t* data, int64_t rows, int64_t cols, int64_t ld, bool transposed) {
-    const std::array<int64_t, 2> sizes = transposed ? std::array{cols, rows} : std::array{rows, cols};
-    const at::Tensor t = at::from_blob(const_cast<scalar_t*>(data), sizes, {ld, 1}, options);
-    return transposed ? t.t() : t;
-  };
-  at::Tensor out = at::from_blob(c, {m, n}, options);
-  if (accumulate) {
-    out.addmm_(wrap(a, m, k, lda, ta), wrap(b, k, n, ldb, tb));
-  } else {
-    at::mm_out(out, wrap(a, m, k, lda, ta), wrap(b, k, n, ldb, tb));
-  }
 }
 
 // Valid output columns [lo, hi) of kernel column kx: 0 <= ox + kx - pad < w.
@@ -201,21 +182,33 @@ void conv2d_relu_maxpool2d_fwd_kernel(const scalar_t* x, const scalar_t* weight,
 
 // grad_parts [n_groups, O, CKK + 1]: each group's weight gradient, and its bias gradient in the last column
 // (a row of ones under the chunk's cols turns the bias sums into one more GEMM column).
+// grad_out is read through its strides (go_stride, [N, O, Hp, Wp]): the gradient of out.sum() arrives expanded
+// (all strides 0), and materialising it would cost a full pass; a plane that is not contiguous is gathered
+// into a small thread-local buffer instead.
 template <typename scalar_t>
-void conv2d_relu_maxpool2d_bwd_kernel(const scalar_t* grad_out, const scalar_t* x, const scalar_t* weight,
-                                      const uint8_t* argmax, scalar_t* grad_x, scalar_t* grad_parts,
-                                      const Geometry& g) {
+void conv2d_relu_maxpool2d_bwd_kernel(const scalar_t* grad_out, const std::array<int64_t, 4>& go_stride,
+                                      const scalar_t* x, const scalar_t* weight, const uint8_t* argmax,
+                                      scalar_t* grad_x, scalar_t* grad_parts, const Geometry& g) {
   const int64_t x_stride = g.c * g.h * g.w, out_plane = g.hp * g.wp;
+  const bool planes_contiguous = go_stride[3] == 1 && go_stride[2] == g.wp;
   at::parallel_for(0, g.n_groups, 1, [&](int64_t begin, int64_t end) {
     auto cols = scratch<scalar_t>((g.ckk + 1) * g.chunk * g.hw);
     auto grad_conv = scratch<scalar_t>(g.o * g.chunk * g.hw);
+    auto gathered = scratch<scalar_t>(planes_contiguous ? 0 : out_plane);
     for (int64_t chunk = begin * g.group; chunk < std::min(end * g.group, g.n_chunks); ++chunk) {
       const int64_t n0 = chunk * g.chunk, m = std::min(g.chunk, g.n - n0), ld = m * g.hw;
       for (const auto oc : c10::irange(g.o)) {
         for (const auto i : c10::irange(m)) {
+          const scalar_t* go = grad_out + (n0 + i) * go_stride[0] + oc * go_stride[1];
+          if (!planes_contiguous) {
+            for (const auto y : c10::irange(g.hp)) {
+              for (const auto xx : c10::irange(g.wp)) gathered[y * g.wp + xx] = go[y * go_stride[2] + xx * go_stride[3]];
+            }
+            go = gathered.get();
+          }
           const int64_t plane = ((n0 + i) * g.o + oc) * out_plane;
           scalar_t* dst = grad_conv.get() + oc * ld + i * g.hw;
-          unpool(grad_out + plane, argmax + plane, dst, dst + g.hw / 2, out_plane);
+          unpool(go, argmax + plane, dst, dst + g.hw / 2, out_plane);
         }
       }
       for (const auto i : c10::irange(m)) im2col(x + (n0 + i) * x_stride, cols.get() + i * g.hw, ld, g);
@@ -267,12 +260,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> conv2d_relu_maxpool2d_backward_cp
   at::Tensor grad_bias = at::zeros({g.o}, weight.options());
   if (g.n == 0) return {grad_x, grad_weight, grad_bias};
 
-  const at::Tensor go_c = grad_out.contiguous(), x_c = x.contiguous(), w_c = weight.contiguous();
+  const at::Tensor x_c = x.contiguous(), w_c = weight.contiguous();
+  const std::array<int64_t, 4> go_stride{grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+                                         grad_out.stride(3)};
   const at::Tensor am_c = argmax.contiguous();
   at::Tensor grad_parts = at::empty({g.n_groups, g.o, g.ckk + 1}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv2d_relu_maxpool2d_backward_cpu", [&] {
     conv2d_relu_maxpool2d_bwd_kernel<scalar_t>(
-        go_c.const_data_ptr<scalar_t>(), x_c.const_data_ptr<scalar_t>(), w_c.const_data_ptr<scalar_t>(),
+        grad_out.const_data_ptr<scalar_t>(), go_stride, x_c.const_data_ptr<scalar_t>(), w_c.const_data_ptr<scalar_t>(),
         am_c.const_data_ptr<uint8_t>(), need_grad_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
         grad_parts.mutable_data_ptr<scalar_t>(), g);
     // Sum the groups' partial gradients in group order (fixed for a given shape).
