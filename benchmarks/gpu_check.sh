@@ -5,8 +5,9 @@
 # Exit status: non-zero if the build or the tests failed; every stage still reports. Stage time limits keep the
 # whole run under 8 minutes (build 210 s, tests 120 s per file, about 130 s in all, kernel profile 90 s, benchmarks 150 s); the
 # torch.compile baselines, whose compilation alone would take minutes, are left to a longer run.
-#   bash benchmarks/gpu_check.sh            (SANITIZE=1 adds compute-sanitizer memcheck and racecheck;
-#                                            TESTS="tests/a.py tests/b.py" runs those test files only)
+#   bash benchmarks/gpu_check.sh            (SANITIZE=1 adds compute-sanitizer memcheck and racecheck; NCU=1
+#                                            Nsight Compute on mmfast's kernels; TESTS="tests/a.py tests/b.py"
+#                                            runs those test files only)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-$PWD/gpu_check_out}
@@ -81,6 +82,19 @@ except RuntimeError as e:
       tail -n 3 "$out/sanitize_$tool.log"
       echo "$tool exit $rc$([ "$rc" = 124 ] && echo ', timed out')"
     done
+  fi
+
+  if [ "${NCU:-0}" = 1 ]; then
+    # Opt-in (NCU=1): Nsight Compute on mmfast's own kernels, one fwd+bwd of each op at the GPU shapes; the full
+    # report goes to ncu.txt, and a few lines per kernel (duration, throughputs, occupancy, main stalls) here.
+    ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+    echo "== Nsight Compute (log: $out/ncu.txt)"
+    PYTHONPATH=$PWD timeout -k 10 180 "$ncu_bin" --profile-from-start off --clock-control none -k regex:mmfast \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --log-file "$out/ncu.txt" "$py" benchmarks/kernel_workload.py 2>&1 | tail -n 5
+    echo "ncu exit ${PIPESTATUS[0]}"
+    grep -E "^  [^ ].*\(([0-9]+, ){2}[0-9]+\)x\(|^ +(Duration|Compute \(SM\) Throughput|Memory Throughput|Achieved Occupancy|Registers Per Thread) |being stalled" \
+        "$out/ncu.txt" | sed -E 's/^ +/  /' | cut -c1-200 | head -n 120
   fi
 
   echo "== kernel profile (log: $out/profile.log)"
