@@ -15,6 +15,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/blas.h"
 #include "ops/lstm/lstm.h"
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -389,7 +390,8 @@ void lstm_fwd_impl(const at::Tensor& x, const std::optional<at::Tensor>& h0, con
   if (N > 0) {
     const at::Tensor xp = pack_input<scalar_t>(x, p);
     at::mm_out(gp, xp, w_ih.t());
-    const at::Tensor w_hh_t = w_hh.t();
+    const scalar_t* w_hh_p = w_hh.const_data_ptr<scalar_t>();  // [4H, H], contiguous
+    const scalar_t* h0p = h0s.const_data_ptr<scalar_t>();
     scalar_t* g = gp.mutable_data_ptr<scalar_t>();
     scalar_t* c = cp.mutable_data_ptr<scalar_t>();
     scalar_t* h = hp.mutable_data_ptr<scalar_t>();
@@ -397,8 +399,8 @@ void lstm_fwd_impl(const at::Tensor& x, const std::optional<at::Tensor>& h0, con
     const scalar_t* bias_p = bias.const_data_ptr<scalar_t>();
     for (int64_t t = 0; t < p.max_len; ++t) {
       const int64_t rows = p.bs[t], off = p.off[t];
-      const at::Tensor h_prev = t == 0 ? h0s.narrow(0, 0, rows) : hp.narrow(0, p.off[t - 1], rows);
-      gp.narrow(0, off, rows).addmm_(h_prev, w_hh_t);
+      const scalar_t* h_prev = t == 0 ? h0p : h + p.off[t - 1] * H;
+      gemm<scalar_t>(false, true, rows, 4 * H, H, h_prev, H, w_hh_p, H, g + off * 4 * H, /*accumulate=*/true);
       const scalar_t* c_prev = t == 0 ? c0p : c + p.off[t - 1] * H;
       at::parallel_for(0, rows, grain_rows(8 * H), [&](int64_t begin, int64_t end) {
         fwd_rows<scalar_t>(g + (off + begin) * 4 * H, bias_p, c_prev + begin * H, c + (off + begin) * H,
@@ -499,8 +501,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                              dhp + begin * H, gy_rows.data() + begin, dcp + begin * H, dgp + (off + begin) * 4 * H,
                              end - begin, H);
         });
-        at::Tensor dh_rows = dh.narrow(0, 0, rows);
-        at::mm_out(dh_rows, dgates.narrow(0, off, rows), w_hh_c);
+        gemm<scalar_t>(false, false, rows, H, 4 * H, dgp + off * 4 * H, 4 * H, w_hh_c.const_data_ptr<scalar_t>(), H,
+                       dhp);
       }
     }
     grad_h0 = unsorted_state<scalar_t>(dh, p);
