@@ -5,7 +5,8 @@
 // per call, so where torch's CPU library exports the Fortran BLAS (sgemm_/dgemm_: MKL in the x86-64 Linux
 // wheels, CPU and CUDA builds alike), the helper calls it directly. The symbols are weak: where they are absent,
 // or a size exceeds BLAS's 32-bit integers, it falls back to at::mm_out, which reaches the same BLAS. Inside an
-// OpenMP parallel region MKL runs single-threaded, as it does under at::mm_out.
+// OpenMP parallel region MKL runs single-threaded, as it does under at::mm_out. MMFAST_BLAS=aten (read once)
+// forces the fallback: tests compare the two paths.
 #pragma once
 #include <ATen/Functions.h>
 #include <c10/core/ScalarType.h>
@@ -13,6 +14,8 @@
 #include <array>
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <string_view>
 #include <type_traits>
 
 extern "C" {
@@ -26,6 +29,19 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace mmfast {
 
+inline bool exported_blas_enabled() {
+  static const bool enabled = [] {
+    const char* v = std::getenv("MMFAST_BLAS");
+    return v == nullptr || std::string_view(v) != "aten";
+  }();
+  return enabled;
+}
+
+// "exported" where the kernels call the exported BLAS directly, "aten" where they fall back to at::mm_out.
+inline const char* cpu_gemm_backend() {
+  return &sgemm_ != nullptr && &dgemm_ != nullptr && exported_blas_enabled() ? "exported" : "aten";
+}
+
 // c[m, n] (+)= op(a)[m, k] @ op(b)[k, n], row-major. ta/tb: a/b are stored transposed; lda/ldb are the stored
 // rows' strides; c is contiguous. accumulate: add to c instead of overwriting it.
 template <typename scalar_t>
@@ -36,7 +52,7 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const scalar_t* a, 
   const auto blas = std::is_same_v<scalar_t, float> ? reinterpret_cast<const void*>(&sgemm_)
                                                      : reinterpret_cast<const void*>(&dgemm_);
   const bool fits = m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX;
-  if (blas != nullptr && fits) {
+  if (blas != nullptr && fits && exported_blas_enabled()) {
     // Row-major c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T: b's storage is the first operand.
     const char trans_b = tb ? 'T' : 'N', trans_a = ta ? 'T' : 'N';
     const int mm = static_cast<int>(n), nn = static_cast<int>(m), kk = static_cast<int>(k);
