@@ -46,21 +46,58 @@ constexpr int kBiasUnroll = 4;
 
 constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// One input's K-segment: src [rows, cols] with any strides; dst contiguous [rows, cols], may alias src when src
-// is contiguous. Its columns are col_offset.. of the concatenation; its column tiles are blocks tile_begin..
+// One input's K-segment: src [rows, cols] with any strides; dst contiguous [rows, cols] (the dropped copy, or the
+// grad_input of the fused backward; may alias src when src is contiguous; null where a kernel writes none). Its
+// columns are col_offset.. of the concatenation; its blocks along a kernel's segment axis (column tiles, K chunks)
+// are first.. up to the next segment's first.
 template <typename scalar_t>
 struct Segment {
   const scalar_t* src;
   scalar_t* dst;
-  int64_t src_stride0, src_stride1, cols, col_offset, tile_begin;
+  int64_t src_stride0, src_stride1, cols, col_offset, first;
 };
 
-// Passed by value: segments with cols > 0, in order, seg[0].tile_begin == 0.
+// Passed by value: segments with cols > 0, in order, seg[0].first == 0.
 template <typename scalar_t>
 struct SegmentTable {
   Segment<scalar_t> seg[kMaxSegments];
   int count;
 };
+
+// The segment that owns block `index` along the segment axis. Constant indices only, so that the table is read
+// from parameter space rather than copied to the stack.
+template <typename scalar_t>
+__device__ __forceinline__ Segment<scalar_t> segment_of(const SegmentTable<scalar_t>& table, int64_t index) {
+  Segment<scalar_t> s = table.seg[0];
+#pragma unroll
+  for (int i = 1; i < kMaxSegments; ++i) {
+    if (i < table.count && index >= table.seg[i].first) s = table.seg[i];
+  }
+  return s;
+}
+
+// The table of srcs (dsts: the matching dst of each, or empty for none): every input of nonzero width, its blocks
+// ceil(width / block_cols) consecutive ones along the segment axis. Returns the total block count.
+template <typename scalar_t>
+int64_t segment_table(at::TensorList srcs, at::TensorList dsts, int64_t block_cols, SegmentTable<scalar_t>& table) {
+  table = SegmentTable<scalar_t>{};
+  int64_t col_offset = 0, blocks = 0;
+  for (size_t i = 0; i < srcs.size(); ++i) {
+    const int64_t cols = srcs[i].size(1);
+    if (cols > 0) {
+      table.seg[table.count++] = Segment<scalar_t>{srcs[i].const_data_ptr<scalar_t>(),
+                                                   dsts.empty() ? nullptr : dsts[i].mutable_data_ptr<scalar_t>(),
+                                                   srcs[i].stride(0),
+                                                   srcs[i].stride(1),
+                                                   cols,
+                                                   col_offset,
+                                                   blocks};
+      blocks += ceil_div(cols, block_cols);
+    }
+    col_offset += cols;
+  }
+  return blocks;
+}
 
 // dst[r, c] = keep(r, col_offset + c) ? src[r, c] * scale : 0, for every segment.
 // blockIdx.x: one tile of kColsPerTile columns of one segment (thread t owns columns t, t + 256, ...);
@@ -70,14 +107,9 @@ __global__ void __launch_bounds__(kThreads)
     concat_linear_dropout_kernel(const SegmentTable<scalar_t> table, int64_t rows, const int64_t* seed, double p,
                                  at::opmath_type<scalar_t> scale) {
   using opmath_t = at::opmath_type<scalar_t>;
-  // Constant indices only, so that the table is read from parameter space rather than copied to the stack.
-  Segment<scalar_t> s = table.seg[0];
-#pragma unroll
-  for (int i = 1; i < kMaxSegments; ++i) {
-    if (i < table.count && static_cast<int64_t>(blockIdx.x) >= table.seg[i].tile_begin) s = table.seg[i];
-  }
+  const Segment<scalar_t> s = segment_of(table, blockIdx.x);
   const DropoutMask mask(*seed, p);
-  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) - s.tile_begin) * kColsPerTile + threadIdx.x;
+  const int64_t col0 = (static_cast<int64_t>(blockIdx.x) - s.first) * kColsPerTile + threadIdx.x;
   uint32_t col_h[kColsPerThread];
 #pragma unroll
   for (int j = 0; j < kColsPerThread; ++j) col_h[j] = mask.col_hash(s.col_offset + col0 + j * kThreads);
@@ -166,31 +198,6 @@ constexpr int64_t kFusedMaxRows = 8192;            // beyond: a grad_weight tile
 constexpr int64_t kFusedMaxOutputs = int64_t{1} << 16;
 constexpr int64_t kFusedMaxColumns = int64_t{1} << 24;  // keeps the backward grid and tile indices in range
 
-// A segment of the fused kernels. Its blocks along the segment axis (K chunks forward, K tiles backward) are
-// first.. first + count - 1; `grad` is its grad_input [rows, cols] (backward only).
-struct FusedSegment {
-  const float* x;
-  float* grad;
-  int64_t stride0, stride1, cols, col_offset;
-  int first;
-};
-
-struct FusedSegments {
-  FusedSegment seg[kMaxSegments];
-  int count;
-};
-
-// The segment that owns block `index` along the segment axis. Constant indices only, so the table stays in
-// parameter space.
-__device__ __forceinline__ FusedSegment segment_of(const FusedSegments& table, int index) {
-  FusedSegment s = table.seg[0];
-#pragma unroll
-  for (int i = 1; i < kMaxSegments; ++i) {
-    if (i < table.count && index >= table.seg[i].first) s = table.seg[i];
-  }
-  return s;
-}
-
 // Thread -> element (r, p) of a tile load, four elements per thread. kContigR: consecutive threads walk r, for an
 // operand stored contiguous along the contraction; else they walk p. Either way global loads coalesce.
 template <bool kContigR>
@@ -268,14 +275,14 @@ __device__ __forceinline__ void store_tile(const float (&acc)[4][4], int64_t p0,
 // dropout(x)[m][k] * weight[n][k]. Chunk z is columns [(z - first) * chunk_len, + chunk_len) of its segment.
 template <bool kDropout>
 __global__ void __launch_bounds__(kGemmThreads)
-    concat_linear_fwd_gemm_kernel(const FusedSegments table, const float* __restrict__ weight, int64_t ldw,
+    concat_linear_fwd_gemm_kernel(const SegmentTable<float> table, const float* __restrict__ weight, int64_t ldw,
                                   int64_t rows, int64_t out_features, int64_t chunk_len, const int64_t* seed, double p,
                                   float scale, float* __restrict__ partial) {
   __shared__ __align__(16) float sa[kGemmStep * kGemmPitch];
   __shared__ __align__(16) float sb[kGemmStep * kGemmPitch];
   __shared__ uint32_t row_hash[kGemmTile];
   const int z = blockIdx.z;
-  const FusedSegment s = segment_of(table, z);
+  const Segment<float> s = segment_of(table, z);
   const int64_t k0 = (z - s.first) * chunk_len, len = std::min<int64_t>(chunk_len, s.cols - k0);
   const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kGemmTile, n0 = static_cast<int64_t>(blockIdx.y) * kGemmTile;
   const DropoutMask mask(kDropout ? *seed : 0, p);
@@ -283,10 +290,10 @@ __global__ void __launch_bounds__(kGemmThreads)
     if (threadIdx.x < kGemmTile) row_hash[threadIdx.x] = mask.row_hash(m0 + threadIdx.x);
     __syncthreads();
   }
-  const float* x = s.x + k0 * s.stride1;
+  const float* x = s.src + k0 * s.src_stride1;
   const auto load_x = [&](int64_t r, int q) -> float {  // A(r, q) = dropout(x)[m0 + q][k0 + r]
     if (m0 + q >= rows) return 0.f;
-    const float v = x[(m0 + q) * s.stride0 + r * s.stride1];
+    const float v = x[(m0 + q) * s.src_stride0 + r * s.src_stride1];
     if (!kDropout) return v;
     return mask.keep(row_hash[q], mask.col_hash(s.col_offset + k0 + r)) ? v * scale : 0.f;
   };
@@ -319,7 +326,7 @@ __global__ void __launch_bounds__(kGemmThreads)
 // whose first <= t; grad_pre: contiguous [rows, out_features]; grad_weight: contiguous [out_features, total_k].
 template <bool kDropout>
 __global__ void __launch_bounds__(kGemmThreads)
-    concat_linear_bwd_gemm_kernel(const FusedSegments table, int k_tiles, int n_tiles,
+    concat_linear_bwd_gemm_kernel(const SegmentTable<float> table, int k_tiles, int n_tiles,
                                   const float* __restrict__ grad_pre, const float* __restrict__ weight, int64_t ldw,
                                   int64_t rows, int64_t out_features, const int64_t* seed, double p, float scale,
                                   float* __restrict__ grad_weight) {
@@ -331,8 +338,8 @@ __global__ void __launch_bounds__(kGemmThreads)
   const int64_t b = weight_role ? blockIdx.x : blockIdx.x - weight_blocks;
   const int kt = static_cast<int>(b % k_tiles);
   const int64_t t0 = (b / k_tiles) * kGemmTile;  // first n (grad_weight) or m (grad_input) of the tile
-  const FusedSegment s = segment_of(table, kt);
-  const int64_t k0 = static_cast<int64_t>(kt - s.first) * kGemmTile;
+  const Segment<float> s = segment_of(table, kt);
+  const int64_t k0 = (kt - s.first) * kGemmTile;
   const DropoutMask mask(kDropout ? *seed : 0, p);
   if (kDropout) {
     if (threadIdx.x < kGemmTile) col_hash[threadIdx.x] = mask.col_hash(s.col_offset + k0 + threadIdx.x);
@@ -346,10 +353,10 @@ __global__ void __launch_bounds__(kGemmThreads)
     const auto load_g = [&](int64_t m, int q) -> float {  // A(m, q) = grad_pre[m][t0 + q]
       return t0 + q < out_features ? grad_pre[m * out_features + t0 + q] : 0.f;
     };
-    const float* x = s.x + k0 * s.stride1;
+    const float* x = s.src + k0 * s.src_stride1;
     const auto load_x = [&](int64_t m, int q) -> float {  // B(m, q) = dropout(x)[m][k0 + q]
       if (k0 + q >= s.cols) return 0.f;
-      const float v = x[m * s.stride0 + q * s.stride1];
+      const float v = x[m * s.src_stride0 + q * s.src_stride1];
       if (!kDropout) return v;
       return mask.keep(mask.row_hash(m), col_hash[q]) ? v * scale : 0.f;
     };
@@ -376,7 +383,7 @@ __global__ void __launch_bounds__(kGemmThreads)
       if (k >= s.cols) continue;
       float v = acc[i][j];
       if (kDropout) v = mask.keep(row_h, col_hash[tx * 4 + j]) ? v * scale : 0.f;
-      s.grad[m * s.cols + k] = v;
+      s.dst[m * s.cols + k] = v;
     }
   }
 }
@@ -390,22 +397,8 @@ void dropout_segments(at::TensorList srcs, at::TensorList dsts, const at::Tensor
   if (rows == 0) return;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, srcs[0].scalar_type(), "concat_linear_dropout_cuda", [&] {
-    SegmentTable<scalar_t> table{};
-    int64_t col_offset = 0, tiles = 0;
-    for (size_t i = 0; i < srcs.size(); ++i) {
-      const int64_t cols = srcs[i].size(1);
-      if (cols > 0) {
-        table.seg[table.count++] = Segment<scalar_t>{srcs[i].const_data_ptr<scalar_t>(),
-                                                     dsts[i].mutable_data_ptr<scalar_t>(),
-                                                     srcs[i].stride(0),
-                                                     srcs[i].stride(1),
-                                                     cols,
-                                                     col_offset,
-                                                     tiles};
-        tiles += ceil_div(cols, kColsPerTile);
-      }
-      col_offset += cols;
-    }
+    SegmentTable<scalar_t> table;
+    const int64_t tiles = segment_table(srcs, dsts, kColsPerTile, table);
     if (tiles == 0) return;
     const dim3 grid(static_cast<unsigned>(tiles),
                     static_cast<unsigned>(std::min<int64_t>(ceil_div(rows, kRowsPerBlock), 65535)));
@@ -430,28 +423,6 @@ bool use_fused_gemm(const at::Tensor& weight, int64_t rows) {
          rows * out_features <= kFusedMaxOutputs && weight.size(1) <= kFusedMaxColumns;
 }
 
-// The segment table of the fused kernels: every input of nonzero width, its blocks along the segment axis being
-// ceil(width / block_cols) consecutive ones. Returns the total block count along that axis.
-int fused_segments(at::TensorList inputs, at::TensorList grads, int64_t block_cols, FusedSegments& table) {
-  table = FusedSegments{};
-  int64_t col_offset = 0, blocks = 0;
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    const int64_t cols = inputs[i].size(1);
-    if (cols > 0) {
-      table.seg[table.count++] = FusedSegment{inputs[i].const_data_ptr<float>(),
-                                              grads.empty() ? nullptr : grads[i].mutable_data_ptr<float>(),
-                                              inputs[i].stride(0),
-                                              inputs[i].stride(1),
-                                              cols,
-                                              col_offset,
-                                              static_cast<int>(blocks)};
-      blocks += ceil_div(cols, block_cols);
-    }
-    col_offset += cols;
-  }
-  return static_cast<int>(blocks);
-}
-
 at::Tensor fused_forward(at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          double dropout_p, bool relu, const std::optional<at::Tensor>& seed) {
   const int64_t rows = inputs[0].size(0), out_features = weight.size(0), total_k = weight.size(1);
@@ -465,8 +436,8 @@ at::Tensor fused_forward(at::TensorList inputs, const at::Tensor& weight, const 
   const int64_t splits = std::clamp<int64_t>(ceil_div(2 * int64_t{sms}, tiles), 1, kMaxSplitK);
   const int64_t chunk_len = std::max<int64_t>(1, ceil_div(ceil_div(std::max<int64_t>(total_k, 1), splits), kGemmStep)) *
                             kGemmStep;
-  FusedSegments table;
-  const int chunks = fused_segments(inputs, {}, chunk_len, table);
+  SegmentTable<float> table;
+  const int64_t chunks = segment_table(inputs, {}, chunk_len, table);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   // chunks == 0 (every input has width 0): the epilogue alone writes act(bias).
   at::Tensor partial = at::empty({chunks, rows, out_features}, weight.options());
@@ -484,7 +455,7 @@ at::Tensor fused_forward(at::TensorList inputs, const at::Tensor& weight, const 
   const int64_t size = rows * out_features;
   concat_linear_fwd_epilogue_kernel<<<static_cast<unsigned>(std::min<int64_t>(ceil_div(size, kGemmThreads), 4096)),
                                       kGemmThreads, 0, stream>>>(
-      partial.const_data_ptr<float>(), chunks, size, out_features, b.defined() ? b.const_data_ptr<float>() : nullptr,
+      partial.const_data_ptr<float>(), static_cast<int>(chunks), size, out_features, b.defined() ? b.const_data_ptr<float>() : nullptr,
       relu, out.mutable_data_ptr<float>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
@@ -500,14 +471,14 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> fused_backward(const at::Tensor&
   std::vector<at::Tensor> grad_inputs;
   grad_inputs.reserve(inputs.size());
   for (const at::Tensor& x : inputs) grad_inputs.push_back(at::empty({rows, x.size(1)}, weight.options()));
-  FusedSegments table;
-  const int k_tiles = fused_segments(inputs, grad_inputs, kGemmTile, table);
+  SegmentTable<float> table;
+  const int64_t k_tiles = segment_table(inputs, grad_inputs, kGemmTile, table);
   if (k_tiles > 0) {
     const int64_t n_tiles = ceil_div(out_features, kGemmTile), m_tiles = ceil_div(rows, kGemmTile);
     const bool dropout = dropout_active(dropout_p, seed);
     const auto kernel = dropout ? concat_linear_bwd_gemm_kernel<true> : concat_linear_bwd_gemm_kernel<false>;
     kernel<<<static_cast<unsigned>((n_tiles + m_tiles) * k_tiles), kGemmThreads, 0,
-             c10::cuda::getCurrentCUDAStream()>>>(table, k_tiles, static_cast<int>(n_tiles),
+             c10::cuda::getCurrentCUDAStream()>>>(table, static_cast<int>(k_tiles), static_cast<int>(n_tiles),
                                                   grad_pre.const_data_ptr<float>(), w.const_data_ptr<float>(), total_k,
                                                   rows, out_features,
                                                   dropout ? seed->const_data_ptr<int64_t>() : nullptr, dropout_p,
