@@ -37,10 +37,11 @@ inline bool exported_blas_enabled() {
   return enabled;
 }
 
+// Whether gemm calls the exported BLAS (both symbols present, not disabled), else at::mm_out.
+inline bool use_exported_blas() { return &sgemm_ != nullptr && &dgemm_ != nullptr && exported_blas_enabled(); }
+
 // "exported" where the kernels call the exported BLAS directly, "aten" where they fall back to at::mm_out.
-inline const char* cpu_gemm_backend() {
-  return &sgemm_ != nullptr && &dgemm_ != nullptr && exported_blas_enabled() ? "exported" : "aten";
-}
+inline const char* cpu_gemm_backend() { return use_exported_blas() ? "exported" : "aten"; }
 
 // c[m, n] (+)= op(a)[m, k] @ op(b)[k, n], row-major. ta/tb: a/b are stored transposed; lda/ldb are the stored
 // rows' strides; c is contiguous. accumulate: add to c instead of overwriting it.
@@ -49,10 +50,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const scalar_t* a, 
           int64_t ldb, scalar_t* c, bool accumulate = false) {
   static_assert(std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>);
   if (m == 0 || n == 0) return;
-  const auto blas = std::is_same_v<scalar_t, float> ? reinterpret_cast<const void*>(&sgemm_)
-                                                     : reinterpret_cast<const void*>(&dgemm_);
   const bool fits = m <= INT_MAX && n <= INT_MAX && k <= INT_MAX && lda <= INT_MAX && ldb <= INT_MAX;
-  if (blas != nullptr && fits && exported_blas_enabled()) {
+  if (fits && use_exported_blas()) {
     // Row-major c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T: b's storage is the first operand.
     const char trans_b = tb ? 'T' : 'N', trans_a = ta ? 'T' : 'N';
     const int mm = static_cast<int>(n), nn = static_cast<int>(m), kk = static_cast<int>(k);
