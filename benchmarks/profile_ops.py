@@ -13,10 +13,11 @@ import statistics
 import time
 
 import torch
-import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import mmfast
+from bench_concat_linear import fused as head_fused
+from bench_concat_linear import native as head_native
 from bench_lstm import fused as lstm_fused
 from bench_lstm import native_unpacked as lstm_native_unpacked
 from bench_lstm import text_branch
@@ -40,9 +41,8 @@ def conv_case(device, c, o, padding, size, impl):
 
 def head_case(device, widths, o, impl):
     inputs, w, b = make_concat_linear_inputs(device, torch.float32, n=256, widths=widths, o=o, requires_grad=True)
-    if impl == "mmfast":
-        return lambda: mmfast.ops.concat_linear(inputs, w, b, 0.5, training=True, relu=True).sum().backward()
-    return lambda: F.relu(F.linear(F.dropout(torch.cat(inputs, 1), 0.5, training=True), w, b)).sum().backward()
+    head = head_fused if impl == "mmfast" else head_native
+    return lambda: head(inputs, w, b).sum().backward()
 
 
 def lstm_case(device, shape, impl):
