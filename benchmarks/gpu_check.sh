@@ -71,15 +71,18 @@ except RuntimeError as e:
   echo "tests done ($(( $(date +%s) - start )) s)"
 
   if [ "${SANITIZE:-0}" = 1 ]; then
-    # Opt-in (SANITIZE=1): memcheck and racecheck over every kernel at small shapes, 90 s each at most.
+    # Opt-in (SANITIZE=1): memcheck and racecheck over every kernel at small shapes, 90 s each at most. Both go to
+    # one log: the device returns at most 8 files from $OUT, and SANITIZE=1 with NCU=1 would otherwise make 9.
     sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+    : > "$out/sanitize.log"
     for tool in memcheck racecheck; do
-      echo "== compute-sanitizer $tool (log: $out/sanitize_$tool.log)"
+      echo "== compute-sanitizer $tool (log: $out/sanitize.log)"
+      echo "== $tool" >> "$out/sanitize.log"
       PYTHONPATH=$PWD timeout -k 10 90 "$sanitizer" --tool "$tool" --error-exitcode 3 "$py" benchmarks/sanitize_ops.py \
-          > "$out/sanitize_$tool.log" 2>&1
+          >> "$out/sanitize.log" 2>&1
       rc=$?
       [ "$rc" = 0 ] || status=1
-      tail -n 3 "$out/sanitize_$tool.log"
+      tail -n 3 "$out/sanitize.log"
       echo "$tool exit $rc$([ "$rc" = 124 ] && echo ', timed out')"
     done
   fi
