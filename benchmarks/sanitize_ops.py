@@ -21,10 +21,14 @@ def run_once() -> None:
                                                          requires_grad=True)
         mmfast.ops.conv2d_relu_maxpool2d(x, w, b, pad).sum().backward()
 
-        x, lengths, h0, c0, *weights = make_lstm_inputs("cuda", dtype, b=5, t=6, i=4, h=7, requires_grad=True)
-        lengths = torch.tensor([6, 0, 1, 3, 6], device="cuda")
-        y, (h_n, c_n) = mmfast.ops.lstm(x, lengths, h0, c0, *weights)
-        (y.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
+        # h=7: one block per row group holds all of w_hh (state kept on chip); h=130: w_hh split over blocks that
+        # exchange the state through global memory with a grid sync per step.
+        for hidden in (7, 130):
+            x, lengths, h0, c0, *weights = make_lstm_inputs("cuda", dtype, b=5, t=6, i=4, h=hidden,
+                                                            requires_grad=True)
+            lengths = torch.tensor([6, 0, 1, 3, 6], device="cuda")
+            y, (h_n, c_n) = mmfast.ops.lstm(x, lengths, h0, c0, *weights)
+            (y.float().sum() + h_n.float().sum() + c_n.float().sum()).backward()
 
         inputs, w, b = make_concat_linear_inputs("cuda", dtype, n=5, widths=(13, 3), o=6, requires_grad=True)
         mmfast.ops.concat_linear(inputs, w, b, 0.5, training=True, relu=True).sum().backward()

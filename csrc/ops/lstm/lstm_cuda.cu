@@ -7,9 +7,14 @@
 // from a float exchange buffer hx[2][H][B] (double-buffered: step t reads slot t&1, writes slot (t+1)&1), computes
 // its slice of h_{t-1} @ w_hh^T, updates c, h and writes y/gates/cells; one grid sync per step, or only a block
 // barrier where one block holds all of w_hh (grid_u == 1: rows are independent, so no block waits for another;
-// the layout's cost counts a grid sync as some microseconds and prefers this where it fits). Backward runs the
-// same way from the last step down to 0 with dgates_t @ w_hh (w_hh column slices on chip, dgates exchanged through
-// a float buffer [2][4H][B]), then the weight gradients are ATen GEMMs over the [B*T, 4H] dgates.
+// the layout's cost counts a grid sync as some microseconds and prefers this where it fits). Where one block owns
+// every unit of its rows and stages all of K at once (Layout::local), h never leaves the chip: the cell update
+// writes h_t straight into the block's staged GEMM operand. Each thread loads the x projections of its (unit, row)
+// pairs for step t + 1 before the barrier that ends step t, so their global-memory latency hides behind the
+// barrier and the next GEMM instead of sitting on the step's serial path. Backward runs the same way from the last
+// step down to 0 with dgates_t @ w_hh (w_hh column slices on chip, dgates exchanged through a float buffer
+// [2][4H][B], or kept on chip when local; the gates, cells and grad_y of step t - 1 loaded ahead), then the
+// weight gradients are ATen GEMMs over the [B*T, 4H] dgates.
 // Lengths stay on the device; every block computes max(lengths) itself and the loop stops there; rows past their
 // length keep h, c frozen and get y = 0. Where w_hh does not fit on chip for a co-resident grid, or
 // MMFAST_LSTM_CUDA_FALLBACK=1, a host loop over all T steps runs at::addmm + one fused elementwise kernel per step.
@@ -49,13 +54,13 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 256;     // threads per block of every kernel here
 constexpr int kRedFloats = 4096;  // partial sums per block: kThreads threads x a 4x4 register tile
+constexpr int kMaxPairs = 4;      // (unit, row) pairs per thread, held in registers: layouts keep U*R within
+                                  // kMaxPairs * kThreads (the forward's tiling implies it)
 // A grid-wide sync between steps, in the layout cost's units (SM cycles). An estimate of a few microseconds: on an
 // H200 the forward step of the seed's LSTM (B256 H64) took 3.8 us with a grid sync, and cuDNN's step 1.4 us.
 constexpr double kGridSyncCycles = 4000.0;
 
 __device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
-
-__device__ __forceinline__ void prefetch_l2(const void* ptr) { asm volatile("prefetch.global.L2 [%0];" ::"l"(ptr)); }
 
 __device__ __forceinline__ int clamp_len(const int64_t* lengths, int b, int T) {
   if (lengths == nullptr) return T;
@@ -74,6 +79,7 @@ struct Layout {
   int grid_u = 0;  // blocks along the units; grid = grid_u * ceil(B / R)
   int grid = 0;
   size_t smem = 0;
+  bool local = false;  // grid_u == 1 and chunk == K: the exchanged state stays in the block's shared memory
   bool ok = false;
 };
 
@@ -111,7 +117,7 @@ size_t smem_bytes(int K, int C, int chunk, int U, int R) {
 }
 
 // red[s][r][c] <- this thread slice's part of sum_k src[k][b0 + r] * w[k][c]; src is a [K][B] float buffer
-// written by other blocks of this grid (read through L2 only).
+// written by other blocks of this grid (read through L2 only), or null when act already holds all K rows (local).
 __device__ void block_gemm(const Tile& tl, const Smem& sm, const float* src, int chunk, int R, int b0, int B) {
   float acc[4][4];
 #pragma unroll
@@ -121,7 +127,9 @@ __device__ void block_gemm(const Tile& tl, const Smem& sm, const float* src, int
   const bool vec = (B % 4) == 0;  // then b0 + 4m < B implies the whole float4 is in range (b0 % 4 == 0)
   for (int kc = 0; kc < tl.K; kc += chunk) {
     const int n = min(chunk, tl.K - kc);
-    if (vec) {
+    if (src == nullptr) {
+      // local: the cell update of the previous step wrote act, and the step barrier published it
+    } else if (vec) {
       const int r4 = R / 4;
       for (int idx = threadIdx.x; idx < n * r4; idx += kThreads) {
         const int kk = idx / r4, m = idx % r4, b = b0 + 4 * m;
@@ -135,7 +143,7 @@ __device__ void block_gemm(const Tile& tl, const Smem& sm, const float* src, int
         sm.act[idx] = b < B ? __ldcg(src + static_cast<size_t>(kc + kk) * B + b) : 0.f;
       }
     }
-    __syncthreads();
+    if (src != nullptr) __syncthreads();  // a block-uniform condition
     const float* w = sm.w + kc * tl.C + 4 * tl.ct;
     const float* a = sm.act + 4 * tl.rt;
 #pragma unroll 4
@@ -194,9 +202,26 @@ struct FwdParams {
   const scalar_t* c0;     // [B, H] or null
   const scalar_t* w_hh;   // [4H, H]
   const int64_t* lengths; // [B] or null
-  float* hx;              // [2][H][B]
+  float* hx;              // [2][H][B], null when local
   int B, T, H, U, R, chunk, grid_u;
 };
+
+// xg[i] <- the x projections (gate pre-activations before h_{t-1} @ w_hh^T) of the thread's pair i at step t,
+// for the pairs whose sequence is still running at t.
+template <typename scalar_t>
+__device__ __forceinline__ void load_x_projections(float (&xg)[kMaxPairs][4], const FwdParams<scalar_t>& p,
+                                                   const int* lens, int pairs, int u0, int b0, int t) {
+#pragma unroll
+  for (int i = 0; i < kMaxPairs; ++i) {
+    const int q = threadIdx.x + i * kThreads;
+    if (q >= pairs) break;
+    const int r = q / p.U, b = b0 + r, u = u0 + q % p.U;
+    if (b >= p.B || u >= p.H || t >= lens[r]) continue;
+    const scalar_t* g = p.gates + (static_cast<size_t>(b) * p.T + t) * 4 * p.H + u;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) xg[i][k] = static_cast<float>(g[k * p.H]);
+  }
+}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2) lstm_fwd_persistent_kernel(const FwdParams<scalar_t> p) {
@@ -206,19 +231,30 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_fwd_persistent_kernel(const 
   const Tile tl(U, R, H, true);
   const Smem sm(reinterpret_cast<float*>(smem4), tl.K, tl.C, p.chunk, U, R);
   const int pairs = U * R;  // pair q: row q / U, unit q % U; st0 = h, st1 = c
+  const bool local = p.hx == nullptr;  // act [H][R] holds h_{t-1} of the block's rows (u0 == 0)
 
-  for (int idx = threadIdx.x; idx < tl.C * H; idx += kThreads) {  // w[k][4j+g] = w_hh[g*H + u0 + j][k]
-    const int c = idx / H, k = idx % H, j = c / 4, g = c % 4;
-    sm.w[k * tl.C + c] = u0 + j < H ? static_cast<float>(p.w_hh[static_cast<size_t>(g * H + u0 + j) * H + k]) : 0.f;
+  // w[k][4j+g] = w_hh[g*H + u0 + j][k]. Consecutive threads take consecutive columns (conflict-free stores);
+  // each takes 4 consecutive k of its w_hh row.
+  for (int idx = threadIdx.x; idx < tl.C * ((H + 3) / 4); idx += kThreads) {
+    const int c = idx % tl.C, k0 = 4 * (idx / tl.C), j = c / 4, g = c % 4;
+    for (int k = k0; k < min(k0 + 4, H); ++k)
+      sm.w[k * tl.C + c] = u0 + j < H ? static_cast<float>(p.w_hh[static_cast<size_t>(g * H + u0 + j) * H + k]) : 0.f;
   }
   const int steps = load_lengths(p.lengths, sm.lens, R, b0, B, T);
+  if (local)  // act rows of padding rows (b >= B) stay zero; the pairs below write every other entry
+    for (int idx = threadIdx.x; idx < H * R; idx += kThreads)
+      if (b0 + idx % R >= B) sm.act[idx] = 0.f;
   for (int q = threadIdx.x; q < pairs; q += kThreads) {
     const int r = q / U, b = b0 + r, u = u0 + q % U;
     float h = 0.f, c = 0.f;
     if (b < B && u < H) {
       if (p.h0) h = static_cast<float>(p.h0[static_cast<size_t>(b) * H + u]);
       if (p.c0) c = static_cast<float>(p.c0[static_cast<size_t>(b) * H + u]);
-      p.hx[static_cast<size_t>(u) * B + b] = h;
+      if (local) {
+        sm.act[u * R + r] = h;
+      } else {
+        p.hx[static_cast<size_t>(u) * B + b] = h;
+      }
       if (sm.lens[r] == 0) {
         p.h_n[static_cast<size_t>(b) * H + u] = static_cast<scalar_t>(h);
         p.c_n[static_cast<size_t>(b) * H + u] = static_cast<scalar_t>(c);
@@ -227,23 +263,23 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_fwd_persistent_kernel(const 
     sm.st0[q] = h;
     sm.st1[q] = c;
   }
+  float xg[kMaxPairs][4] = {};
+  if (steps > 0) load_x_projections(xg, p, sm.lens, pairs, u0, b0, 0);
   step_barrier(p.grid_u);
 
   for (int t = 0; t < steps; ++t) {
-    for (int q = threadIdx.x; q < pairs; q += kThreads) {  // the x projections of this step, into L2 meanwhile
-      const int r = q / U, b = b0 + r, u = u0 + q % U;
-      if (b < B && u < H && t < sm.lens[r])
-        for (int k = 0; k < 4; ++k) prefetch_l2(p.gates + (static_cast<size_t>(b) * T + t) * 4 * H + k * H + u);
-    }
-    block_gemm(tl, sm, p.hx + static_cast<size_t>(t & 1) * H * B, p.chunk, R, b0, B);
-    float* hx_next = p.hx + static_cast<size_t>((t + 1) & 1) * H * B;
-    for (int q = threadIdx.x; q < pairs; q += kThreads) {
+    block_gemm(tl, sm, local ? nullptr : p.hx + static_cast<size_t>(t & 1) * H * B, p.chunk, R, b0, B);
+    float* hx_next = local ? nullptr : p.hx + static_cast<size_t>((t + 1) & 1) * H * B;
+#pragma unroll
+    for (int i = 0; i < kMaxPairs; ++i) {
+      const int q = threadIdx.x + i * kThreads;
+      if (q >= pairs) break;
       const int r = q / U, j = q % U, b = b0 + r, u = u0 + j;
       if (b >= B || u >= H) continue;
       const size_t row = static_cast<size_t>(b) * T + t;
       scalar_t* g = p.gates + row * 4 * H;
       if (t < sm.lens[r]) {
-        float4 pre = make_float4(0.f, 0.f, 0.f, 0.f);
+        float4 pre = make_float4(xg[i][0], xg[i][1], xg[i][2], xg[i][3]);
         for (int s = 0; s < tl.ks; ++s) {
           const float4 v = *reinterpret_cast<const float4*>(sm.red + (s * R + r) * tl.C + 4 * j);
           pre.x += v.x;
@@ -251,10 +287,7 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_fwd_persistent_kernel(const 
           pre.z += v.z;
           pre.w += v.w;
         }
-        const float gi = sigmoid_f(pre.x + static_cast<float>(g[u]));
-        const float gf = sigmoid_f(pre.y + static_cast<float>(g[H + u]));
-        const float gg = tanhf(pre.z + static_cast<float>(g[2 * H + u]));
-        const float go = sigmoid_f(pre.w + static_cast<float>(g[3 * H + u]));
+        const float gi = sigmoid_f(pre.x), gf = sigmoid_f(pre.y), gg = tanhf(pre.z), go = sigmoid_f(pre.w);
         const float c = gf * sm.st1[q] + gi * gg;
         const float h = go * tanhf(c);
         g[u] = static_cast<scalar_t>(gi);
@@ -263,21 +296,28 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_fwd_persistent_kernel(const 
         g[3 * H + u] = static_cast<scalar_t>(go);
         p.cells[row * H + u] = static_cast<scalar_t>(c);
         p.y[row * H + u] = static_cast<scalar_t>(h);
-        hx_next[static_cast<size_t>(u) * B + b] = h;
+        if (local) {
+          sm.act[u * R + r] = h;  // the GEMM of this step is done (block_gemm ends with a barrier)
+        } else {
+          hx_next[static_cast<size_t>(u) * B + b] = h;
+        }
         sm.st0[q] = h;
         sm.st1[q] = c;
         if (t == sm.lens[r] - 1) {
           p.h_n[static_cast<size_t>(b) * H + u] = static_cast<scalar_t>(h);
           p.c_n[static_cast<size_t>(b) * H + u] = static_cast<scalar_t>(c);
         }
-      } else {  // finished: state frozen, outputs zero
+      } else {  // finished: state frozen (act keeps h when local), outputs zero
         for (int k = 0; k < 4; ++k) g[k * H + u] = scalar_t(0);
         p.cells[row * H + u] = scalar_t(0);
         p.y[row * H + u] = scalar_t(0);
-        hx_next[static_cast<size_t>(u) * B + b] = sm.st0[q];
+        if (!local) hx_next[static_cast<size_t>(u) * B + b] = sm.st0[q];
       }
     }
-    if (t + 1 < steps) step_barrier(p.grid_u);  // steps is the same in every block
+    if (t + 1 < steps) {  // steps is the same in every block
+      load_x_projections(xg, p, sm.lens, pairs, u0, b0, t + 1);
+      step_barrier(p.grid_u);
+    }
   }
 
   const int64_t rest = static_cast<int64_t>(T - steps) * pairs;  // steps past the longest sequence
@@ -305,9 +345,35 @@ struct BwdParams {
   scalar_t* dgates;          // [B, T, 4H]: grads of the pre-activations
   scalar_t* grad_h0;         // [B, H]
   scalar_t* grad_c0;         // [B, H]
-  float* dx;                 // [2][4H][B]
+  float* dx;                 // [2][4H][B], null when local
   int B, T, H, U, R, chunk, grid_u;
 };
+
+// What the backward of one (unit, row) pair reads at step t, besides the recurrence: the activated gates, c_t,
+// c_{t-1} and the grad of y_t.
+struct StepInputs {
+  float g[4], c, c_prev, gy;
+};
+
+// in[i] <- the step-t inputs of the thread's pair i, for the pairs whose sequence ran step t.
+template <typename scalar_t>
+__device__ __forceinline__ void load_step_inputs(StepInputs (&in)[kMaxPairs], const BwdParams<scalar_t>& p,
+                                                 const int* lens, int pairs, int u0, int b0, int t) {
+#pragma unroll
+  for (int i = 0; i < kMaxPairs; ++i) {
+    const int q = threadIdx.x + i * kThreads;
+    if (q >= pairs) break;
+    const int r = q / p.U, b = b0 + r, u = u0 + q % p.U, H = p.H;
+    if (b >= p.B || u >= H || t >= lens[r]) continue;
+    const size_t row = static_cast<size_t>(b) * p.T + t;
+#pragma unroll
+    for (int k = 0; k < 4; ++k) in[i].g[k] = static_cast<float>(p.gates[row * 4 * H + k * H + u]);
+    in[i].c = static_cast<float>(p.cells[row * H + u]);
+    in[i].c_prev = t > 0 ? static_cast<float>(p.cells[(row - 1) * H + u])
+                         : (p.c0 ? static_cast<float>(p.c0[static_cast<size_t>(b) * H + u]) : 0.f);
+    in[i].gy = p.grad_y ? static_cast<float>(p.grad_y[row * H + u]) : 0.f;
+  }
+}
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads, 2) lstm_bwd_persistent_kernel(const BwdParams<scalar_t> p) {
@@ -317,34 +383,35 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_bwd_persistent_kernel(const 
   const Tile tl(U, R, H, false);
   const Smem sm(reinterpret_cast<float*>(smem4), tl.K, tl.C, p.chunk, U, R);
   const int pairs = U * R;  // st0 = grad of h_t (from later steps / h_n), st1 = grad of c_t
+  const bool local = p.dx == nullptr;  // act [4H][R] holds dgates_{t+1} of the block's rows (u0 == 0)
 
   for (int idx = threadIdx.x; idx < tl.K * U; idx += kThreads) {  // w[k][j] = w_hh[k][u0 + j], k < 4H
     const int k = idx / U, j = idx % U;
     sm.w[idx] = u0 + j < H ? static_cast<float>(p.w_hh[static_cast<size_t>(k) * H + u0 + j]) : 0.f;
   }
   const int steps = load_lengths(p.lengths, sm.lens, R, b0, B, T);
+  if (local)  // act rows of padding rows (b >= B) stay zero; the cell updates write every other entry
+    for (int idx = threadIdx.x; idx < 4 * H * R; idx += kThreads)
+      if (b0 + idx % R >= B) sm.act[idx] = 0.f;
   for (int q = threadIdx.x; q < pairs; q += kThreads) {
     const int b = b0 + q / U, u = u0 + q % U;
     const bool in = b < B && u < H;
     sm.st0[q] = in && p.grad_h_n ? static_cast<float>(p.grad_h_n[static_cast<size_t>(b) * H + u]) : 0.f;
     sm.st1[q] = in && p.grad_c_n ? static_cast<float>(p.grad_c_n[static_cast<size_t>(b) * H + u]) : 0.f;
   }
+  StepInputs inputs[kMaxPairs] = {};
+  if (steps > 0) load_step_inputs(inputs, p, sm.lens, pairs, u0, b0, steps - 1);
   __syncthreads();
 
   for (int t = steps - 1; t >= -1; --t) {
-    const bool have_next = t + 1 < steps;  // dgates of step t + 1 are in dx[(t + 1) & 1]
-    for (int q = threadIdx.x; t >= 0 && q < pairs; q += kThreads) {  // this step's inputs, into L2 meanwhile
-      const int r = q / U, b = b0 + r, u = u0 + q % U;
-      if (b >= B || u >= H || t >= sm.lens[r]) continue;
-      const size_t row = static_cast<size_t>(b) * T + t;
-      for (int k = 0; k < 4; ++k) prefetch_l2(p.gates + row * 4 * H + k * H + u);
-      prefetch_l2(p.cells + row * H + u);
-      if (t > 0) prefetch_l2(p.cells + (row - 1) * H + u);
-      if (p.grad_y) prefetch_l2(p.grad_y + row * H + u);
-    }
-    if (have_next) block_gemm(tl, sm, p.dx + static_cast<size_t>((t + 1) & 1) * 4 * H * B, p.chunk, R, b0, B);
-    float* dx_t = p.dx + static_cast<size_t>(t & 1) * 4 * H * B;
-    for (int q = threadIdx.x; q < pairs; q += kThreads) {
+    const bool have_next = t + 1 < steps;  // dgates of step t + 1 are in act (local) or dx[(t + 1) & 1]
+    if (have_next)
+      block_gemm(tl, sm, local ? nullptr : p.dx + static_cast<size_t>((t + 1) & 1) * 4 * H * B, p.chunk, R, b0, B);
+    float* dx_t = local ? nullptr : p.dx + static_cast<size_t>(t & 1) * 4 * H * B;
+#pragma unroll
+    for (int i = 0; i < kMaxPairs; ++i) {
+      const int q = threadIdx.x + i * kThreads;
+      if (q >= pairs) break;
       const int r = q / U, j = q % U, b = b0 + r, u = u0 + j;
       if (b >= B || u >= H) continue;
       const int len = sm.lens[r];
@@ -356,30 +423,29 @@ __global__ void __launch_bounds__(kThreads, 2) lstm_bwd_persistent_kernel(const 
       if (t < 0) continue;
       const size_t row = static_cast<size_t>(b) * T + t;
       scalar_t* dg = p.dgates + row * 4 * H;
+      float d[4] = {0.f, 0.f, 0.f, 0.f};  // finished (t >= len): grads pass through unchanged, dgates zero
       if (t < len) {
-        const scalar_t* g = p.gates + row * 4 * H;
-        const float gi = static_cast<float>(g[u]), gf = static_cast<float>(g[H + u]);
-        const float gg = static_cast<float>(g[2 * H + u]), go = static_cast<float>(g[3 * H + u]);
-        const float c = static_cast<float>(p.cells[row * H + u]);
-        const float c_prev = t > 0 ? static_cast<float>(p.cells[(row - 1) * H + u])
-                                   : (p.c0 ? static_cast<float>(p.c0[static_cast<size_t>(b) * H + u]) : 0.f);
-        const float dh = sm.st0[q] + (p.grad_y ? static_cast<float>(p.grad_y[row * H + u]) : 0.f);
-        const float tc = tanhf(c);
+        const StepInputs& x = inputs[i];
+        const float gi = x.g[0], gf = x.g[1], gg = x.g[2], go = x.g[3];
+        const float dh = sm.st0[q] + x.gy;
+        const float tc = tanhf(x.c);
         const float dc = sm.st1[q] + dh * go * (1.f - tc * tc);
-        const float d[4] = {dc * gg * gi * (1.f - gi), dc * c_prev * gf * (1.f - gf), dc * gi * (1.f - gg * gg),
-                            dh * tc * go * (1.f - go)};
-        for (int k = 0; k < 4; ++k) {
-          dg[k * H + u] = static_cast<scalar_t>(d[k]);
-          dx_t[static_cast<size_t>(k * H + u) * B + b] = d[k];
-        }
+        d[0] = dc * gg * gi * (1.f - gi);
+        d[1] = dc * x.c_prev * gf * (1.f - gf);
+        d[2] = dc * gi * (1.f - gg * gg);
+        d[3] = dh * tc * go * (1.f - go);
         sm.st1[q] = dc * gf;
-      } else {  // finished: grads pass through unchanged
-        for (int k = 0; k < 4; ++k) {
-          dg[k * H + u] = scalar_t(0);
-          dx_t[static_cast<size_t>(k * H + u) * B + b] = 0.f;
+      }
+      for (int k = 0; k < 4; ++k) {
+        dg[k * H + u] = static_cast<scalar_t>(d[k]);
+        if (local) {
+          sm.act[(k * H + u) * R + r] = d[k];  // the GEMM of this step is done (block_gemm ends with a barrier)
+        } else {
+          dx_t[static_cast<size_t>(k * H + u) * B + b] = d[k];
         }
       }
     }
+    if (t > 0) load_step_inputs(inputs, p, sm.lens, pairs, u0, b0, t - 1);
     if (t >= 0) step_barrier(p.grid_u);  // steps is the same in every block
   }
 
@@ -543,7 +609,7 @@ Layout choose_layout(const void* kernel, bool fwd, int64_t B, int64_t H, int dev
       const int C = fwd ? 4 * U : U;
       for (int R = 4; R <= 1024 && R < 2 * std::max<int64_t>(B, 4); R *= 2) {
         const int tiles = (C / 4) * (R / 4);
-        if (tiles > kThreads) break;
+        if (tiles > kThreads || U * R > kMaxPairs * kThreads) break;
         const int ks = kThreads / tiles;
         const int64_t grid_u = (H + U - 1) / U, grid = grid_u * ((B + R - 1) / R);
         const int64_t per_sm = (grid + d.sms - 1) / d.sms;
@@ -554,6 +620,7 @@ Layout choose_layout(const void* kernel, bool fwd, int64_t B, int64_t H, int dev
         int64_t chunk = std::min<int64_t>(K, (budget - fixed) / (4 * static_cast<int64_t>(R)));
         if (chunk_cap > 0) chunk = std::min<int64_t>(chunk, chunk_cap);
         if (chunk < std::min<int64_t>(K, 16) && !(chunk_cap > 0 && chunk >= 1)) continue;
+        const bool local = grid_u == 1 && chunk >= K;
         const size_t smem = smem_bytes(static_cast<int>(K), C, static_cast<int>(chunk), U, R);
         int active = 0;
         C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&active, kernel, kThreads, smem));
@@ -563,10 +630,12 @@ Layout choose_layout(const void* kernel, bool fwd, int64_t B, int64_t H, int dev
         const int nct = C / 4, lanes = std::min(tiles, 32), slices = 32 / lanes;
         const int wf = (slices * std::min(nct, lanes) * 16 + 127) / 128 +
                        (slices * ((lanes + nct - 1) / nct) * 16 + 127) / 128;
-        // Per SM: blocks x (inner loop, L2 staging, cell-phase reads, chunk barriers per thread) + grid size.
+        // Per SM: blocks x (inner loop, L2 staging unless local, cell-phase reads, chunk barriers per thread)
+        // + grid size.
         const double cost =
             static_cast<double>(per_sm) *
-                (4.0 * std::max(4, wf) * ((K + ks - 1) / ks) + 16.0 * ((K * R + kThreads - 1) / kThreads) +
+                (4.0 * std::max(4, wf) * ((K + ks - 1) / ks) +
+                 (local ? 0.0 : 16.0 * ((K * R + kThreads - 1) / kThreads)) +
                  ((U * R + kThreads - 1) / kThreads) * (4.0 * ks + 40.0) + 100.0 * ((K + chunk - 1) / chunk)) +
             static_cast<double>(grid) + (grid_u > 1 ? kGridSyncCycles : 0.0);
         if (!best.ok || cost < best_cost) {
@@ -578,6 +647,7 @@ Layout choose_layout(const void* kernel, bool fwd, int64_t B, int64_t H, int dev
           best.grid_u = static_cast<int>(grid_u);
           best.grid = static_cast<int>(grid);
           best.smem = smem;
+          best.local = local;
         }
       }
     }
@@ -668,11 +738,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_cuda
                                       : choose_layout(reinterpret_cast<const void*>(kernel), true, B, H,
                                                       x.device().index());
     if (lay.ok) {
-      at::Tensor hx = at::empty({2 * H * B}, opts.dtype(at::kFloat));
+      const at::Tensor hx = lay.local ? at::Tensor() : at::empty({2 * H * B}, opts.dtype(at::kFloat));
       FwdParams<scalar_t> p{gates.mutable_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
                             cells.mutable_data_ptr<scalar_t>(), h_n.mutable_data_ptr<scalar_t>(),
                             c_n.mutable_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(h0c), ptr_or_null<scalar_t>(c0c),
-                            w.const_data_ptr<scalar_t>(), ptr_or_null(len), hx.mutable_data_ptr<float>(),
+                            w.const_data_ptr<scalar_t>(), ptr_or_null(len), lay.local ? nullptr : hx.mutable_data_ptr<float>(),
                             static_cast<int>(B), static_cast<int>(T), static_cast<int>(H), lay.units, lay.rows,
                             lay.chunk, lay.grid_u};
       launch_cooperative(kernel, p, lay, stream);
@@ -748,12 +818,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                       : choose_layout(reinterpret_cast<const void*>(kernel), false, B, H,
                                                       x.device().index());
     if (lay.ok) {
-      at::Tensor dx = at::empty({2 * 4 * H * B}, opts.dtype(at::kFloat));
+      const at::Tensor dx = lay.local ? at::Tensor() : at::empty({2 * 4 * H * B}, opts.dtype(at::kFloat));
       BwdParams<scalar_t> p{ptr_or_null<scalar_t>(gy), ptr_or_null<scalar_t>(ghn), ptr_or_null<scalar_t>(gcn),
                             gates_c.const_data_ptr<scalar_t>(), cells_c.const_data_ptr<scalar_t>(),
                             ptr_or_null<scalar_t>(c0c), w.const_data_ptr<scalar_t>(), ptr_or_null(len),
                             dgates.mutable_data_ptr<scalar_t>(), grad_h0.mutable_data_ptr<scalar_t>(),
-                            grad_c0.mutable_data_ptr<scalar_t>(), dx.mutable_data_ptr<float>(), static_cast<int>(B),
+                            grad_c0.mutable_data_ptr<scalar_t>(), lay.local ? nullptr : dx.mutable_data_ptr<float>(), static_cast<int>(B),
                             static_cast<int>(T), static_cast<int>(H), lay.units, lay.rows, lay.chunk, lay.grid_u};
       launch_cooperative(kernel, p, lay, stream);
       return;
