@@ -1,7 +1,8 @@
 """Image feature blocks, conv2d + bias + ReLU + 2x2 max-pool: mmfast's fused op next to native compositions.
 
 Cases: the seed's one block (3->32, 3x3, valid, 32x32) and the larger three-block stack (32, 64, 128; 3x3,
-padding 1), at batch 64 on the CPU and 256 on CUDA. Baselines: native eager (NCHW), channels_last (CPU),
+padding 1), at batch 64 on the CPU and 256 on CUDA; on CUDA also the wider block of ../shared/GPU.md's table
+(32->64, 3x3, padding 1, 16x16), one of issue 3's target shapes. Baselines: native eager (NCHW), channels_last (CPU),
 torch.compile, and a CUDA-graph replay (CUDA), which mmfast_cuda_graph, mmfast's own replay, is set against.
 
 Run: pytest benchmarks/bench_conv2d_relu_maxpool2d.py --benchmark-only [--benchmark-json=out.json]
@@ -17,7 +18,9 @@ from variants import compiled
 
 OP = "conv2d_relu_maxpool2d"
 # name -> (channels, padding, image size); the batch is the device's.
-STACKS = {"seed_3to32_valid_32x32": ((3, 32), 0, 32), "blocks_32_64_128_pad1_32x32": ((3, 32, 64, 128), 1, 32)}
+STACKS = {"seed_3to32_valid_32x32": ((3, 32), 0, 32), "blocks_32_64_128_pad1_32x32": ((3, 32, 64, 128), 1, 32),
+          "block_32to64_pad1_16x16": ((32, 64), 1, 16)}
+DEVICE_STACKS = {"cpu": ["seed_3to32_valid_32x32", "blocks_32_64_128_pad1_32x32"], "cuda": list(STACKS)}
 BATCH = {"cpu": 64, "cuda": 256}
 
 
@@ -27,13 +30,14 @@ def _impls(device):
     return impls
 
 
-CASES = [(impl, d, s) for d in DEVICES for s in STACKS for impl in _impls(d)]
+CASES = [(impl, d, s) for d in DEVICES for s in DEVICE_STACKS[d] for impl in _impls(d)]
 
 
 def _setup(impl, device, stack, backward):
     channels, padding, size = STACKS[stack]
     torch.manual_seed(0)
-    x = torch.randn(BATCH[device], channels[0], size, size, device=device)  # images: no gradient
+    # Images get no gradient; a feature map from an earlier block (the 32->64 block) does.
+    x = torch.randn(BATCH[device], channels[0], size, size, device=device).requires_grad_(backward and channels[0] > 3)
     layers = [make(device, torch.float32, n=1, c=c, h=1, w=1, o=o, k=3, padding=padding, requires_grad=backward)[1:3]
               for c, o in zip(channels, channels[1:])]
     block = mmfast.ops.conv2d_relu_maxpool2d if impl.startswith("mmfast") else reference.conv2d_relu_maxpool2d
