@@ -140,7 +140,11 @@ __global__ void __launch_bounds__(kThreads, 3)
     }
     __syncthreads();
 
-    for (int cc = 0; cc < cn; ++cc) {
+    // A warp whose four pooled rows lie below the image (pooled images smaller than the tile, e.g. 4x4) or whose
+    // eight channels lie past O stages its share of the tiles but skips the arithmetic. Warp-uniform: no
+    // divergence, and the loop has no barrier.
+    const bool idle_warp = py0 + 4 * (warp & 1) >= g.hp || o0 + group * Q >= g.o;
+    for (int cc = 0; cc < (idle_warp ? 0 : cn); ++cc) {
       const float* xp = xs + (cc * TIN + 2 * ly) * kFwdPitch + 2 * lx;  // the thread's (K+1)x(K+1) patch
       const float* wp = ws + cc * KK * kFwdWPitch + group * Q;
       float r0[K + 1], r1[K + 1];  // input rows ky and ky + 1 of the patch: conv rows dy = 0 and dy = 1
@@ -262,16 +266,22 @@ __global__ void __launch_bounds__(kThreads, K == 7 ? 2 : (K == 5 ? 3 : 4))
     }
     __syncthreads();
 
+    // Only the tile's pixels inside the pooled image: tiles of small images (4x4 pooled) are mostly outside, and
+    // those pixels add nothing. Row-major order, lanes splitting the columns: the same order as over all 64.
     const float* xc = xs + cl * PLANE;
-    for (int p = lane; p < kTilePixels; p += PL) {
-      const float gv = gs[p * GP + ol];
-      const float* xp = xc + offs[p * GP + ol];
+    const int rows = min(kTile, g.hp - py0), cols = min(kTile, g.wp - px0);
+    for (int ly = 0; ly < rows; ++ly) {
+      for (int lx = lane; lx < cols; lx += PL) {
+        const int p = ly * kTile + lx;
+        const float gv = gs[p * GP + ol];
+        const float* xp = xc + offs[p * GP + ol];
 #pragma unroll
-      for (int ky = 0; ky < K; ++ky) {
+        for (int ky = 0; ky < K; ++ky) {
 #pragma unroll
-        for (int kx = 0; kx < K; ++kx) acc[ky * K + kx] += gv * xp[ky * TIN + kx];
+          for (int kx = 0; kx < K; ++kx) acc[ky * K + kx] += gv * xp[ky * TIN + kx];
+        }
+        bacc += gv;
       }
-      bacc += gv;
     }
   }
 
