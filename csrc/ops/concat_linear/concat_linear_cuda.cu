@@ -27,6 +27,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 #include <vector>
 
 #include "common/dropout_mask.h"
@@ -423,19 +426,57 @@ bool use_fused_gemm(const at::Tensor& weight, int64_t rows) {
          rows * out_features <= kFusedMaxOutputs && weight.size(1) <= kFusedMaxColumns;
 }
 
+// Blocks of `kernel` (kGemmThreads threads, static shared memory only) resident at once on the current device, i.e.
+// one wave. Cached per kernel and device: the query is host-side arithmetic, but it would run on every step.
+int64_t resident_blocks(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, int64_t> cache;
+  const int dev = c10::cuda::current_device();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (const auto it = cache.find({kernel, dev}); it != cache.end()) return it->second;
+  int sms = 0, per_sm = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kGemmThreads, 0));
+  return cache.emplace(std::make_pair(kernel, dev), int64_t{sms} * std::max(per_sm, 1)).first->second;
+}
+
+// The K chunk of the split-K forward: the shortest multiple of kGemmStep, and at least 1/kMaxSplitK of the width,
+// whose blocks (tiles x the inputs' chunk counts) fit in one wave of `slots`; whole inputs where even those do not
+// fit. One wave and a few blocks more cost two block times: on an H200 (run 3) the seed's head had 272 blocks
+// for 264 slots, from a split sized for two blocks per SM without the per-input rounding.
+int64_t split_chunk_len(at::TensorList inputs, int64_t total_k, int64_t tiles, int64_t slots) {
+  const auto blocks = [&](int64_t steps) {  // blocks for a chunk of `steps` kGemmStep rows
+    int64_t chunks = 0;
+    for (const at::Tensor& x : inputs) chunks += ceil_div(x.size(1), steps * kGemmStep);
+    return tiles * chunks;
+  };
+  const auto steps_for = [](int64_t len) { return ceil_div(std::max<int64_t>(len, 1), kGemmStep); };
+  int64_t lo = steps_for(std::max(ceil_div(total_k, kMaxSplitK), ceil_div(total_k * tiles, slots)));
+  int64_t hi = steps_for(total_k);  // one chunk per input
+  if (lo >= hi || blocks(hi) > slots) return hi * kGemmStep;
+  while (lo < hi) {  // blocks() only falls as the chunk grows; blocks(hi) <= slots throughout
+    const int64_t mid = (lo + hi) / 2;
+    if (blocks(mid) <= slots) {
+      hi = mid;
+    } else {
+      lo = mid + 1;
+    }
+  }
+  return hi * kGemmStep;
+}
+
 at::Tensor fused_forward(at::TensorList inputs, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                          double dropout_p, bool relu, const std::optional<at::Tensor>& seed) {
   const int64_t rows = inputs[0].size(0), out_features = weight.size(0), total_k = weight.size(1);
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   at::Tensor out = at::empty({rows, out_features}, weight.options());
-  // Split K so that about two blocks per SM run: enough parallelism for small batches, few partials to sum.
+  const bool dropout = dropout_active(dropout_p, seed);
+  const auto kernel = dropout ? concat_linear_fwd_gemm_kernel<true> : concat_linear_fwd_gemm_kernel<false>;
+  // Split K for enough parallelism at small batches, in one wave.
   const int64_t tiles = ceil_div(rows, kGemmTile) * ceil_div(out_features, kGemmTile);
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t splits = std::clamp<int64_t>(ceil_div(2 * int64_t{sms}, tiles), 1, kMaxSplitK);
-  const int64_t chunk_len = std::max<int64_t>(1, ceil_div(ceil_div(std::max<int64_t>(total_k, 1), splits), kGemmStep)) *
-                            kGemmStep;
+  const int64_t chunk_len =
+      split_chunk_len(inputs, total_k, tiles, resident_blocks(reinterpret_cast<const void*>(kernel)));
   SegmentTable<float> table;
   const int64_t chunks = segment_table(inputs, {}, chunk_len, table);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -444,8 +485,6 @@ at::Tensor fused_forward(at::TensorList inputs, const at::Tensor& weight, const 
   if (chunks > 0) {
     const dim3 grid(static_cast<unsigned>(ceil_div(rows, kGemmTile)), static_cast<unsigned>(ceil_div(out_features, kGemmTile)),
                     static_cast<unsigned>(chunks));
-    const bool dropout = dropout_active(dropout_p, seed);
-    const auto kernel = dropout ? concat_linear_fwd_gemm_kernel<true> : concat_linear_fwd_gemm_kernel<false>;
     kernel<<<grid, kGemmThreads, 0, stream>>>(table, w.const_data_ptr<float>(), total_k, rows, out_features, chunk_len,
                                               dropout ? seed->const_data_ptr<int64_t>() : nullptr, dropout_p,
                                               static_cast<float>(dropout_scale(dropout_p)),
