@@ -442,8 +442,8 @@ int64_t resident_blocks(const void* kernel) {
 
 // The K chunk of the split-K forward: the shortest multiple of kGemmStep, and at least 1/kMaxSplitK of the width,
 // whose blocks (tiles x the inputs' chunk counts) fit in one wave of `slots`; whole inputs where even those do not
-// fit. One wave and a few blocks more cost two block times: on an H200 (run 3) the seed's head had 272 blocks
-// for 264 slots, from a split sized for two blocks per SM without the per-input rounding.
+// fit. One wave and a few blocks more cost two block times: at the seed's head on an H200 (132 SMs, 2 blocks each)
+// the earlier split, sized for two blocks per SM without the per-input rounding, made 272 blocks for 264 slots.
 int64_t split_chunk_len(at::TensorList inputs, int64_t total_k, int64_t tiles, int64_t slots) {
   const auto blocks = [&](int64_t steps) {  // blocks for a chunk of `steps` kGemmStep rows
     int64_t chunks = 0;
