@@ -7,9 +7,9 @@ Run: pytest benchmarks/bench_concat_linear.py --benchmark-only [--benchmark-json
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import mmfast
+from mmfast import reference
 from mmfast.testing import DEVICES, make_concat_linear_inputs
 from variants import compiled
 
@@ -23,8 +23,8 @@ CASES = [(impl, d, s) for d in DEVICES for s in SHAPES[d] for impl in IMPLS[d]]
 P = 0.5
 
 
-def native(inputs, weight, bias):
-    return F.relu(F.linear(F.dropout(torch.cat(inputs, 1), P, training=True), weight, bias))
+def native(inputs, weight, bias):  # cat + dropout (torch's RNG) + linear + relu
+    return reference.concat_linear(inputs, weight, bias, P, training=True, relu=True)
 
 
 def fused(inputs, weight, bias):

@@ -143,7 +143,7 @@ def op_memory_cases(device="cpu") -> Dict[str, Tuple[Callable[[], object], Calla
                               lambda: reference.lstm(seq, lengths, None, None, *lstm_w), [seq, *lstm_w]),
         "concat_linear [7200, 64] -> 128": (
             lambda: ops.concat_linear(feats, fw, fb, 0.5, training=True, relu=True),
-            lambda: F.relu(F.linear(F.dropout(torch.cat(feats, 1), 0.5, training=True), fw, fb)), [*feats, fw, fb]),
+            lambda: reference.concat_linear(feats, fw, fb, 0.5, training=True, relu=True), [*feats, fw, fb]),
     }
 
 
